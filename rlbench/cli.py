@@ -1,0 +1,296 @@
+"""The ``rlbench`` command line: thin shells over rlbench's importable functions.
+
+Errors a user can cause print one line (``error: ...``) without a traceback and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from rlbench.errors import ConfigError, InputError, RLBenchError
+
+app = typer.Typer(
+    name="rlbench",
+    help="Reward-model zoo and benchmarks for RL fine-tuning of text-to-image diffusion models (DDPO, RWR).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+rewards_app = typer.Typer(help="The reward zoo: list, inspect, check and score rewards.", no_args_is_help=True)
+algos_app = typer.Typer(help="RL algorithms.", no_args_is_help=True)
+models_app = typer.Typer(help="Text-to-image models (policies).", no_args_is_help=True)
+prompts_app = typer.Typer(help="Prompt sets.", no_args_is_help=True)
+app.add_typer(rewards_app, name="rewards")
+app.add_typer(algos_app, name="algos")
+app.add_typer(models_app, name="models")
+app.add_typer(prompts_app, name="prompts")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def cli_errors(fn):
+    """Turn rlbench's user errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RLBenchError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; completed checkpoints and records are kept.", code=130)
+
+    return wrapper
+
+
+def _options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    """``["k=v", ...]`` -> dict; values are read as TOML (numbers, booleans), else kept as strings."""
+    from rlbench.config import parse_override
+
+    out: dict[str, Any] = {}
+    for text in pairs or []:
+        if "=" not in text:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}.")
+        _, key, value = parse_override(f"x.{text}")
+        out[key] = value
+    return out
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+# -- train / eval ---------------------------------------------------------------------------------
+
+
+@app.command()
+@cli_errors
+def train(
+    algo: Optional[str] = typer.Option(None, "--algo", help="Algorithm (`rlbench algos list`); default ddpo-is."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="Reward (`rlbench rewards list`)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registered model, diffusers folder or hub id."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt set name or text file."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs to train (with --resume: the new total)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<algo>-<reward>-<time>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (`rlbench config` shows every key)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: SECTION.KEY=VALUE (repeatable)."),
+    reward_opt: Optional[list[str]] = typer.Option(None, "--reward-opt", help="Reward option KEY=VALUE (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out directory."),
+) -> None:
+    """Fine-tune a text-to-image model against a reward with DDPO or RWR."""
+    from rlbench.training import train as run_training
+
+    values: dict[str, dict[str, Any]] = {
+        "algorithm": {"name": algo},
+        "reward": {"name": reward, **_options(reward_opt, "--reward-opt")},
+        "model": {"name": model},
+        "prompts": {"name": prompts},
+        "run": {"epochs": epochs, "seed": seed, "out": str(out) if out else None},
+    }
+    run_dir = run_training(
+        config=config, overrides=set_ or [], values=values, resume=resume, overwrite=overwrite, progress=True
+    )
+    typer.echo(f"run directory: {run_dir}")
+
+
+@app.command("eval")
+@cli_errors
+def eval_(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories made by `rlbench train`."),
+    rewards: Optional[str] = typer.Option(None, "--rewards", help="Comma-separated rewards; default each run's own."),
+    out: Path = typer.Option(Path("eval"), "--out", help="Output directory (new or empty)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per reward call."),
+) -> None:
+    """Score runs' logged samples with rewards: scores.parquet, tables and plots."""
+    from rich.progress import Progress
+
+    from rlbench.evaluate import evaluate
+
+    names = [r.strip() for r in rewards.split(",") if r.strip()] if rewards else None
+    with Progress(transient=True) as bar:
+        task = bar.add_task("scoring", total=None)
+        result = evaluate(run_dirs, rewards=names, out=out, overwrite=overwrite, batch_size=batch_size,
+                          progress=lambda: bar.advance(task))
+    from rlbench.evaluate import markdown_table
+
+    typer.echo(markdown_table(result.summary), nl=False)
+    typer.echo(f"scores: {result.out / 'scores.parquet'}\ntables: {result.out / 'tables'}\nplots: {result.out / 'plots'}")
+
+
+@app.command("config")
+@cli_errors
+def config_(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file to validate and resolve."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="SECTION.KEY=VALUE override (repeatable)."),
+) -> None:
+    """Print every config key with its default and help, or the resolved config of --config/--set."""
+    from rlbench.config import annotated_defaults, load_config
+
+    if config is None and not set_:
+        typer.echo(annotated_defaults())
+    else:
+        typer.echo(load_config(config, set_ or []).to_toml())
+
+
+# -- registries -----------------------------------------------------------------------------------
+
+
+@rewards_app.command("list")
+@cli_errors
+def rewards_list() -> None:
+    """Registered rewards with version, direction, weights source and origin."""
+    from rich.table import Table
+
+    from rlbench.registry import REWARDS
+    from rlbench.reward import reward_card
+
+    table = Table("name", "version", "better", "weights", "origin", "summary", box=None)
+    for entry in REWARDS.entries():
+        if entry.name in REWARDS.conflicts():
+            table.add_row(entry.name, "", "", "", entry.origin, f"CONFLICT: also registered elsewhere ({entry.target})")
+            continue
+        try:
+            card = reward_card(REWARDS.load(entry.name), name=entry.name, origin=entry.origin)
+        except RLBenchError as exc:
+            table.add_row(entry.name, "", "", "", entry.origin, f"BROKEN: {exc}")
+            continue
+        table.add_row(card.name, card.version, "higher" if card.higher_is_better else "lower", card.weights,
+                      card.origin, card.summary)
+    _console().print(table)
+
+
+@rewards_app.command("info")
+@cli_errors
+def rewards_info(name: str = typer.Argument(..., help="Reward name.")) -> None:
+    """The reward's card: what it measures, paper, weights, license, range."""
+    from rlbench.registry import REWARDS
+    from rlbench.reward import reward_card
+
+    entry = REWARDS.entry(name)
+    card = reward_card(REWARDS.load(name), name=name, origin=entry.origin, target=entry.target)
+    for key, value in card.as_dict().items():
+        typer.echo(f"{key:17s}{value if value not in ('', None) else '-'}")
+
+
+@rewards_app.command("score")
+@cli_errors
+def rewards_score(
+    name: str = typer.Argument(..., help="Reward name."),
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...), all the same size."),
+    prompt: str = typer.Option("", "--prompt", help="The prompt the images were made for."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", help="Reward option KEY=VALUE (repeatable)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per reward call."),
+) -> None:
+    """Score image files; prints one line per image: path<TAB>score."""
+    from rich.progress import Progress
+
+    from rlbench.images import load_images
+    from rlbench.reward import make_reward
+
+    reward = make_reward(name, **_options(opt, "--opt"))
+    for p in images:  # fail on a bad file before any scoring
+        if not p.is_file():
+            raise InputError(f"image file {str(p)!r} does not exist.")
+    lines = []
+    with Progress(transient=True, disable=len(images) <= batch_size) as bar:
+        task = bar.add_task(f"scoring with {name}", total=len(images))
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            scores = reward(load_images(chunk), [prompt] * len(chunk)).scores.tolist()
+            lines += [f"{p}\t{s:.6f}" for p, s in zip(chunk, scores)]
+            bar.advance(task, len(chunk))
+    typer.echo("\n".join(lines))
+
+
+@rewards_app.command("check")
+@cli_errors
+def rewards_check(
+    name: str = typer.Argument(..., help="Reward name."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", help="Reward option KEY=VALUE (repeatable)."),
+    image_size: int = typer.Option(64, "--image-size", min=8, help="Side of the random test images."),
+) -> None:
+    """Run check_reward on a registered reward (for plugin authors' CI)."""
+    from rlbench.checker import check_reward
+    from rlbench.reward import make_reward
+
+    check_reward(make_reward(name, **_options(opt, "--opt")), image_size=image_size)
+    typer.echo(f"reward '{name}' passes check_reward")
+
+
+def _list_registry(registry, describe) -> None:
+    from rich.table import Table
+
+    table = Table("name", "origin", "about", box=None)
+    for entry in registry.entries():
+        try:
+            about = "CONFLICT" if entry.name in registry.conflicts() else describe(registry.load(entry.name))
+        except RLBenchError as exc:
+            about = f"BROKEN: {exc}"
+        table.add_row(entry.name, entry.origin, about)
+    if not registry.names():
+        typer.echo(f"no {registry.kind}s registered (entry-point group '{registry.group}').")
+        return
+    _console().print(table)
+
+
+def _doc_line(obj: Any) -> str:
+    import inspect
+
+    return (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
+
+
+@algos_app.command("list")
+@cli_errors
+def algos_list() -> None:
+    """Registered RL algorithms."""
+    from rlbench.registry import ALGORITHMS
+
+    _list_registry(ALGORITHMS, _doc_line)
+
+
+@models_app.command("list")
+@cli_errors
+def models_list() -> None:
+    """Registered models (any diffusers folder or hub id also works as --model)."""
+    from rlbench.registry import MODELS
+
+    _list_registry(MODELS, _doc_line)
+
+
+@prompts_app.command("list")
+@cli_errors
+def prompts_list() -> None:
+    """Registered prompt sets (any text file, one prompt a line, also works as --prompts)."""
+    from rlbench.registry import PROMPTS
+
+    _list_registry(PROMPTS, _doc_line)
+
+
+@prompts_app.command("show")
+@cli_errors
+def prompts_show(name: str = typer.Argument(..., help="Prompt set name or file.")) -> None:
+    """Print a prompt set, one prompt a line."""
+    from rlbench.prompts import load_prompts
+
+    typer.echo("\n".join(load_prompts(name).prompts))
+
+
+def main() -> None:
+    app(prog_name="rlbench")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Typed configuration of a training run.
+
+A run is configured by :class:`TrainConfig`, a dataclass of sections (``[run]``, ``[model]``, ...).
+Every field has help text and units (``rlbench config`` prints them all as annotated TOML). Sources,
+later ones winning: the defaults, a TOML file (``--config FILE``), ``--set section.key=value``
+overrides, then the CLI's own flags (``--algo``, ``--reward``, ...). Unknown keys, wrong types and
+impossible combinations are :class:`~rlbench.errors.ConfigError` before any compute, with the fix in
+the message. The resolved config is written into the run directory as ``config.toml``.
+
+``[algorithm]`` and ``[reward]`` take a ``name`` plus that plugin's own options (e.g.
+``algorithm.clip_range``, ``reward.weights``), which the plugin validates when it is resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlbench.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default: Any, help: str, unit: str = "", choices: tuple | None = None) -> Any:
+    meta = {"help": help, "unit": unit, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunSection:
+    """Identity and length of the run."""
+
+    epochs: int = _f(100, "Training epochs (one epoch = sample, score, update)", "epochs")
+    seed: int = _f(42, "Seed of every random number generator (ddpo-pytorch default 42)")
+    out: str = _f("", "Run directory; empty = runs/<algo>-<reward>-<UTC timestamp>", "path")
+
+
+@dataclass
+class ModelSection:
+    """The policy: which text-to-image model and what is trained."""
+
+    name: str = _f("shapes", "Registered model name (`rlbench models list`), diffusers folder or hub id")
+    revision: str = _f("", "Hub revision (commit) of a hub model; empty = the default branch")
+    train_mode: str = _f("lora", "Train LoRA adapters or the full UNet", choices=("lora", "full"))
+    lora_rank: int = _f(4, "LoRA rank (ddpo-pytorch/trl default 4)")
+    lora_alpha: float = _f(4.0, "LoRA alpha (trl: alpha = rank = 4)")
+    lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules given LoRA adapters")
+    mixed_precision: str = _f(
+        "auto", "Frozen-weight dtype; trainables stay fp32. auto = fp16 on CUDA, fp32 on CPU",
+        choices=("auto", "no", "fp16", "bf16"),
+    )
+    device: str = _f("auto", "Device: auto, cpu, cuda, cuda:1, mps")
+
+
+@dataclass
+class PromptsSection:
+    """Where training prompts come from."""
+
+    name: str = _f("", "Registered prompt set (`rlbench prompts list`) or a text file, one prompt a line; "
+                   "empty = the model's default set")
+
+
+@dataclass
+class RewardSection:
+    """The reward trained against; other keys are the reward's own options."""
+
+    name: str = _f("incompressibility", "Registered reward name (`rlbench rewards list`)")
+    options: dict = _f({}, "Options passed to the reward's constructor (write them as reward.KEY)")
+
+
+@dataclass
+class SampleSection:
+    """Sampling of training images."""
+
+    num_steps: int = _f(50, "DDIM steps per sample (DDPO paper: 50)", "steps")
+    eta: float = _f(1.0, "DDIM eta; DDPO needs eta > 0 for a stochastic policy (paper: 1.0)")
+    guidance_scale: float = _f(5.0, "Classifier-free guidance weight (paper: 5.0)")
+    batch_size: int = _f(8, "Images per sampling batch, per process", "images")
+    num_batches_per_epoch: int = _f(4, "Sampling batches per epoch, per process", "batches")
+    negative_prompt: str = _f("", "Unconditional prompt for guidance (reference: empty string)")
+    async_reward: bool = _f(True, "Score a batch in a background thread while the next one samples")
+
+
+@dataclass
+class AlgorithmSection:
+    """The RL algorithm; other keys are the algorithm's own options."""
+
+    name: str = _f("ddpo-is", "Registered algorithm name (`rlbench algos list`)")
+    options: dict = _f({}, "Algorithm options (write them as algorithm.KEY, e.g. algorithm.clip_range)")
+
+
+@dataclass
+class OptimSection:
+    """Gradient updates (the reference's `train` section)."""
+
+    batch_size: int = _f(4, "Samples per training micro-batch, per process", "samples")
+    gradient_accumulation_steps: int = _f(2, "Micro-batches accumulated per optimizer step", "micro-batches")
+    num_inner_epochs: int = _f(1, "Passes over each epoch's samples", "passes")
+    timestep_fraction: float = _f(1.0, "Fraction of denoising steps trained per sample (0, 1]")
+    learning_rate: float = _f(3e-4, "AdamW learning rate (ddpo-pytorch LoRA: 3e-4; paper full FT: 1e-5)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    weight_decay: float = _f(1e-4, "AdamW weight decay (reference 1e-4)")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off")
+    cfg: bool = _f(True, "Train the guided epsilon (paper App. E.1: essential after the first round)")
+
+
+@dataclass
+class AdvantageSection:
+    """Reward normalisation into advantages."""
+
+    per_prompt: bool = _f(True, "Normalise per prompt with a ring buffer; false = batch statistics")
+    buffer_size: int = _f(16, "Rewards kept per prompt (ddpo-pytorch: 16)", "rewards")
+    min_count: int = _f(16, "Rewards a prompt needs before its own stats are used (ddpo-pytorch: 16)", "rewards")
+
+
+@dataclass
+class LoggingSection:
+    """What is logged besides metrics.jsonl."""
+
+    samples_every: int = _f(1, "Save sample images and their scores every N epochs; 0 = never", "epochs")
+    num_samples: int = _f(16, "Images saved per logged epoch", "images")
+    tensorboard: bool = _f(True, "Write TensorBoard events to <run>/tb (needs the tensorboard package)")
+    wandb: bool = _f(False, "Also log to Weights & Biases (needs the wandb package)")
+
+
+@dataclass
+class CheckpointSection:
+    """Checkpoints for resume and evaluation."""
+
+    every: int = _f(1, "Checkpoint every N epochs (and always at the end)", "epochs")
+    keep: int = _f(0, "Keep only the newest N checkpoints; 0 = keep all", "checkpoints")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "model": ModelSection,
+    "prompts": PromptsSection,
+    "reward": RewardSection,
+    "sample": SampleSection,
+    "algorithm": AlgorithmSection,
+    "train": OptimSection,
+    "advantage": AdvantageSection,
+    "logging": LoggingSection,
+    "checkpoint": CheckpointSection,
+}
+# Sections whose unknown keys are plugin options, collected into `options`.
+_OPEN_SECTIONS = ("reward", "algorithm")
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration of a training run."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    prompts: PromptsSection = field(default_factory=PromptsSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    train: OptimSection = field(default_factory=OptimSection)
+    advantage: AdvantageSection = field(default_factory=AdvantageSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    # -- derived numbers (logged at start) --------------------------------------------------------
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples per epoch per process."""
+        return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+    @property
+    def samples_per_update(self) -> int:
+        """Samples per optimizer step per process."""
+        return self.train.batch_size * self.train.gradient_accumulation_steps
+
+    @property
+    def updates_per_epoch(self) -> int:
+        """Optimizer steps per epoch."""
+        return self.samples_per_epoch // self.samples_per_update * self.train.num_inner_epochs
+
+    # -- validation -------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Check values and combinations; raise ConfigError with the fix. Returns self."""
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            for f in dataclasses.fields(cls):
+                choices = f.metadata.get("choices")
+                value = getattr(section, f.name)
+                if choices and value not in choices:
+                    raise ConfigError(
+                        f"{name}.{f.name} = {value!r} is not one of {', '.join(map(repr, choices))}."
+                    )
+        positive = {
+            "run.epochs": self.run.epochs,
+            "sample.num_steps": self.sample.num_steps,
+            "sample.batch_size": self.sample.batch_size,
+            "sample.num_batches_per_epoch": self.sample.num_batches_per_epoch,
+            "train.batch_size": self.train.batch_size,
+            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+            "train.num_inner_epochs": self.train.num_inner_epochs,
+            "train.learning_rate": self.train.learning_rate,
+            "model.lora_rank": self.model.lora_rank,
+            "advantage.buffer_size": self.advantage.buffer_size,
+            "advantage.min_count": self.advantage.min_count,
+            "checkpoint.every": self.checkpoint.every,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value}.")
+        non_negative = {
+            "sample.eta": self.sample.eta,
+            "sample.guidance_scale": self.sample.guidance_scale,
+            "train.max_grad_norm": self.train.max_grad_norm,
+            "train.weight_decay": self.train.weight_decay,
+            "logging.samples_every": self.logging.samples_every,
+            "logging.num_samples": self.logging.num_samples,
+            "checkpoint.keep": self.checkpoint.keep,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}.")
+        if not 0.0 < self.train.timestep_fraction <= 1.0:
+            raise ConfigError(
+                f"train.timestep_fraction must be in (0, 1], got {self.train.timestep_fraction}."
+            )
+        if not (0.0 <= self.train.adam_beta1 < 1.0 and 0.0 <= self.train.adam_beta2 < 1.0):
+            raise ConfigError("train.adam_beta1 and train.adam_beta2 must be in [0, 1).")
+        sb, tb = self.sample.batch_size, self.train.batch_size
+        if sb % tb:
+            divisors = [d for d in range(1, sb + 1) if sb % d == 0]
+            raise ConfigError(
+                f"sample.batch_size ({sb}) must be a multiple of train.batch_size ({tb}): set "
+                f"train.batch_size to one of {divisors}, or sample.batch_size to a multiple of {tb}."
+            )
+        if self.samples_per_epoch % self.samples_per_update:
+            raise ConfigError(
+                f"samples per epoch (sample.batch_size x sample.num_batches_per_epoch = {self.samples_per_epoch}) "
+                f"must be a multiple of samples per optimizer step (train.batch_size x "
+                f"train.gradient_accumulation_steps = {self.samples_per_update}); lower "
+                "train.gradient_accumulation_steps or raise sample.num_batches_per_epoch."
+            )
+        if self.advantage.per_prompt and self.advantage.min_count > self.advantage.buffer_size:
+            raise ConfigError(
+                f"advantage.min_count ({self.advantage.min_count}) exceeds advantage.buffer_size "
+                f"({self.advantage.buffer_size}), so per-prompt statistics would never be used; set "
+                "min_count <= buffer_size."
+            )
+        if not self.reward.name:
+            raise ConfigError("reward.name is empty; choose one with --reward NAME (`rlbench rewards list`).")
+        if not self.algorithm.name:
+            raise ConfigError("algorithm.name is empty; choose one with --algo NAME (`rlbench algos list`).")
+        if not self.model.name:
+            raise ConfigError("model.name is empty; choose one with --model NAME|PATH (`rlbench models list`).")
+        return self
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict; plugin options are flattened into their sections, as in TOML."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in SECTIONS:
+            section = dataclasses.asdict(getattr(self, name))
+            if name in _OPEN_SECTIONS:
+                section.update(section.pop("options"))
+            out[name] = section
+        return out
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a nested dict (TOML layout); unknown sections/keys and wrong types are errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a table of sections, got {type(data).__name__}.")
+        sections: dict[str, Any] = {}
+        for sname, values in data.items():
+            if sname not in SECTIONS:
+                raise ConfigError(_unknown(f"section [{sname}]", sname, list(SECTIONS), source))
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{sname}] must be a table of keys, got {values!r}.")
+            scls = SECTIONS[sname]
+            hints = typing.get_type_hints(scls)
+            kwargs: dict[str, Any] = {}
+            options: dict[str, Any] = {}
+            for key, value in values.items():
+                if key == "options" and sname in _OPEN_SECTIONS:
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"{source}: {sname}.options must be a table, got {value!r}.")
+                    options.update(value)
+                elif key in hints:
+                    kwargs[key] = _coerce(f"{sname}.{key}", value, hints[key], source)
+                elif sname in _OPEN_SECTIONS:
+                    options[key] = value
+                else:
+                    raise ConfigError(_unknown(f"key '{sname}.{key}'", key, list(hints), source, sname))
+            if sname in _OPEN_SECTIONS:
+                kwargs["options"] = options
+            sections[sname] = scls(**kwargs)
+        return cls(**sections)
+
+
+def _unknown(what: str, key: str, valid: list[str], source: str, section: str | None = None) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{(section + '.') if section else ''}{close[0]}'?" if close else ""
+    where = f" in [{section}]" if section else ""
+    return f"{source}: unknown {what}.{hint} Valid keys{where}: {', '.join(valid)}."
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "a table"}
+
+
+def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
+    origin = typing.get_origin(typ) or typ
+    ok = (
+        (origin is bool and isinstance(value, bool))
+        or (origin is int and isinstance(value, int) and not isinstance(value, bool))
+        or (origin is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (origin is str and isinstance(value, str))
+        or (origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (origin is dict and isinstance(value, dict))
+    )
+    if not ok:
+        raise ConfigError(
+            f"{source}: {key} must be {_TYPE_WORDS.get(origin, str(typ))}, got {value!r} "
+            f"({type(value).__name__})."
+        )
+    return float(value) if origin is float else value
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"section.key=value"`` -> (section, key, value); the value is read as TOML, else as a string."""
+    path, sep, raw = text.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(
+            f"--set expects SECTION.KEY=VALUE (e.g. --set sample.batch_size=8), got {text!r}."
+        )
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings: --set model.name=shapes
+    return section, key.strip(), value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist.")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, dict[str, Any]] | None = None,
+) -> TrainConfig:
+    """Defaults <- TOML file <- ``--set`` overrides <- ``values`` (nested dict); validated.
+
+    Args:
+        path: a TOML file in the layout of ``config.toml``.
+        overrides: ``"section.key=value"`` strings.
+        values: a nested dict applied last (the CLI's own flags).
+    """
+    data: dict[str, dict[str, Any]] = {}
+    source = "config"
+    if path is not None:
+        data = read_toml(path)
+        source = str(path)
+        for sname, section in data.items():
+            if not isinstance(section, dict):
+                raise ConfigError(f"{source}: top-level key '{sname}' must be a [section] table.")
+    for text in overrides:
+        sname, key, value = parse_override(text)
+        data.setdefault(sname, {})[key] = value
+    for sname, section in (values or {}).items():
+        for key, value in section.items():
+            if value is not None:
+                data.setdefault(sname, {})[key] = value
+    return TrainConfig.from_dict(data, source=source if not overrides else f"{source} + --set").validate()
+
+
+def _inline(value: Any) -> str:
+    """One-line TOML for a default value (tomli_w writes lists over several lines)."""
+    import json
+
+    import tomli_w
+
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).strip()[4:]
+
+
+def annotated_defaults() -> str:
+    """Every field with its default, help and unit, as commented TOML (``rlbench config``)."""
+    lines: list[str] = []
+    for sname, scls in SECTIONS.items():
+        lines.append(f"[{sname}]  # {scls.__doc__}")
+        for f in dataclasses.fields(scls):
+            if f.name == "options":
+                lines.append(f"# {sname}.KEY = ...  # {f.metadata['help']}")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = _inline(default)
+            unit = f" [{f.metadata['unit']}]" if f.metadata.get("unit") else ""
+            choices = f" (one of {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+            lines.append(f"{f.name} = {value}  # {f.metadata['help']}{unit}{choices}")
+        lines.append("")
+    return "\n".join(lines)
