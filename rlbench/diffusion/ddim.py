@@ -223,5 +223,5 @@ def ddim_step_with_logprob(
     # Gradient flows only through the mean: the action is data.
     x = prev_sample.detach().float()
     log_prob = -((x - mean) ** 2) / (2 * std_dev_t**2) - torch.log(std_dev_t) - _LOG_SQRT_2PI
-    log_prob = log_prob.sum(dim=tuple(range(1, log_prob.ndim)))
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
     return prev_sample, log_prob
