@@ -99,3 +99,84 @@ def weighted_denoising_loss(
         raise ValueError(f"weights must have shape ({eps_pred.shape[0]},), got {tuple(weights.shape)}")
     per_sample = ((eps_pred.float() - eps_target.float()) ** 2).mean(dim=tuple(range(1, eps_pred.ndim)))
     return (weights.detach().to(per_sample) * per_sample).sum() / eps_pred.shape[0]
+
+
+# -- the algorithm plugins ---------------------------------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+
+from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option  # noqa: E402
+
+
+class _RWRBase(Algorithm):
+    """Shared update of the RWR family: weighted denoising regression on the epoch's own samples.
+
+    Each sample's final latent x_0 is re-noised at a uniformly random training timestep
+    (t in [0, num_train_timesteps), jannerm/ddpo ddpo/training/diffusion.py) and the guided model
+    output is regressed onto the noise (or the velocity for v-prediction models), weighted per sample.
+    """
+
+    def update(self, policy, batch: TrainBatch, ctx: UpdateContext) -> dict[str, float | None]:
+        cfg = self.config
+        sched = policy.scheduler
+        n_train_t = sched.config.num_train_timesteps
+        n, mb, acc = len(batch), cfg.train.batch_size, cfg.train.gradient_accumulation_steps
+        x0_all = batch.latents[:, -1]
+        total, count = 0.0, 0
+        for _ in range(cfg.train.num_inner_epochs):
+            order = torch.randperm(n, generator=ctx.generator)
+            for m in range(n // mb):
+                idx = order[m * mb : (m + 1) * mb]
+                dev_idx = idx.to(x0_all.device)
+                x0 = x0_all[dev_idx]
+                t = torch.randint(0, n_train_t, (len(idx),), generator=ctx.generator).to(x0.device)
+                noise = torch.randn(x0.shape, generator=ctx.generator).to(x0.device)
+                x_t = sched.add_noise(x0, noise, t)
+                target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+                pred = policy.guided_eps(x_t, t, batch.prompt_embeds[dev_idx], batch.neg_embeds,
+                                         cfg.sample.guidance_scale if cfg.train.cfg else 1.0)
+                loss = weighted_denoising_loss(pred, target, batch.advantages[dev_idx])
+                ctx.backward(loss / acc, sync=(m + 1) % acc == 0)
+                total += float(loss.detach())
+                count += 1
+        return {"loss": total / max(count, 1), "approx_kl": None, "clipfrac": None}
+
+
+class RWR(_RWRBase):
+    """Reward-weighted regression: denoising loss weighted by softmax(beta * r) * N (Black et al. 2023, §4.1)."""
+
+    name = "rwr"
+
+    @dataclass
+    class Options:
+        beta: float = option(BETA, "Inverse temperature of the softmax weights (paper Table D.5: 0.2)")
+        per_prompt: bool = option(True, "Softmax within each prompt's samples (paper App. D.3), else over the batch")
+
+        def __post_init__(self) -> None:
+            if not self.beta >= 0:
+                raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+    def advantages(self, rewards: torch.Tensor, prompts: list[str], tracker) -> torch.Tensor:
+        return rwr_weights(rewards, prompts if self.options.per_prompt else None, self.options.beta).float()
+
+
+class SparseRWR(_RWRBase):
+    """Sparse RWR: plain denoising loss on the samples at or above a reward percentile (Black et al. 2023)."""
+
+    name = "rwr-sparse"
+
+    @dataclass
+    class Options:
+        percentile: float = option(PERCENTILE, "Keep samples with reward >= this percentile (paper: 90, the top 10 %)")
+        per_prompt: bool = option(True, "Threshold within each prompt's samples (paper App. D.3), else over the batch")
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.percentile <= 100.0:
+                raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
+
+    def advantages(self, rewards: torch.Tensor, prompts: list[str], tracker) -> torch.Tensor:
+        # Kept samples get weight N / n_kept, dropped ones 0: the weighted loss then equals the plain
+        # mean loss over kept samples, while every process runs the same number of micro-steps (DDP).
+        mask = sparse_mask(rewards, prompts if self.options.per_prompt else None, self.options.percentile)
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        return mask * (mask.numel() / mask.sum().clamp(min=1.0))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rlbench.errors import RewardContractError
+from rlbench.errors import DependencyNotInstalled, RewardContractError, WeightsNotAvailable
 from rlbench.reward import CheckedReward, RewardOutput, check_output, reward_card
 
 # A mix of short, ordinary and over-long prompts (diffusers' "100 * very long" batch check).
@@ -49,6 +49,8 @@ def _call(reward: Any, images: torch.Tensor, prompts: Sequence[str], metadata: S
     name = _name(reward)
     try:
         out = _raw(reward)(images, list(prompts), list(metadata))
+    except (DependencyNotInstalled, WeightsNotAvailable):
+        raise  # not a contract violation: the message names the install or download that fixes it
     except Exception as exc:
         raise RewardContractError(
             f"reward '{name}' raised {type(exc).__name__} when called as reward(images, prompts, metadata) "
@@ -126,7 +128,9 @@ def check_reward(
             f"reward '{_name(reward)}' is not callable; implement __call__(images, prompts, metadata)."
         )
     images, prompts, metadata = example_inputs(reward, batch_size=batch_size, image_size=image_size, seed=seed)
-    check_output_contract(reward, images, prompts, metadata)
+    # On a copy: a reward that writes into its inputs must not alter the originals before
+    # check_inputs_untouched compares against them (an idempotent write would go unnoticed).
+    check_output_contract(reward, images.clone(), list(prompts), [dict(m) for m in metadata])
     check_inputs_untouched(reward, images, prompts, metadata)
     deterministic = bool(getattr(_raw(reward), "deterministic", True))
     if deterministic:

@@ -65,9 +65,13 @@ def _options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
 
 
 def _console():
+    """A console for tables; into a pipe or file, rows are never wrapped or cut (grep-able)."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=True, width=100_000)
+    return console
 
 
 # -- train / eval ---------------------------------------------------------------------------------
@@ -90,7 +94,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out directory."),
 ) -> None:
     """Fine-tune a text-to-image model against a reward with DDPO or RWR."""
-    from rlbench.training import train as run_training
+    from rlbench.config import load_config
 
     values: dict[str, dict[str, Any]] = {
         "algorithm": {"name": algo},
@@ -99,6 +103,11 @@ def train(
         "prompts": {"name": prompts},
         "run": {"epochs": epochs, "seed": seed, "out": str(out) if out else None},
     }
+    if resume is None:
+        # Bad keys, values and combinations fail here, before torch, models or data are loaded.
+        load_config(config, set_ or [], values)
+    from rlbench.training import train as run_training
+
     run_dir = run_training(
         config=config, overrides=set_ or [], values=values, resume=resume, overwrite=overwrite, progress=True
     )

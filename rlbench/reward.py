@@ -17,6 +17,7 @@ return value to :class:`RewardOutput`. Whatever the plugin, rlbench calls it thr
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -88,8 +89,10 @@ class Reward:
         out = self.score(images, prompts, metadata)
         if isinstance(out, RewardOutput):
             return out
-        if isinstance(out, tuple) and len(out) == 2:
-            return RewardOutput(out[0], dict(out[1] or {}))
+        if isinstance(out, tuple):
+            if len(out) == 2 and (out[1] is None or isinstance(out[1], Mapping)):
+                return RewardOutput(out[0], dict(out[1] or {}))
+            return out  # malformed: left for check_output to name the problem
         return RewardOutput(out, {})
 
 
@@ -264,8 +267,15 @@ def make_reward(name: str, **options: Any) -> CheckedReward:
 
 def construct_plugin(factory: Any, options: Mapping[str, Any], *, kind: str, name: str) -> Any:
     """Call a plugin's class or factory with ``options``; unknown options are a ConfigError."""
-    if not callable(factory):
-        return factory  # an entry point may name a ready-made instance
+    if not (inspect.isclass(factory) or inspect.isroutine(factory) or isinstance(factory, functools.partial)):
+        # An entry point (or register()) may name a ready-made instance; a reward instance is
+        # callable too, but calling it would score, not construct.
+        if options:
+            raise ConfigError(
+                f"{kind} '{name}' is registered as a ready-made instance and takes no options; "
+                f"got {', '.join(repr(k) for k in options)}."
+            )
+        return factory
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):

@@ -1,0 +1,356 @@
+"""The diffusion policy: UNet + DDIM scheduler + text encoder (+ VAE for latent models).
+
+One class, :class:`DiffusionPolicy`, serves every model: the embedded default, any Stable
+Diffusion 1.x/2.x checkpoint in diffusers format (hub id or local folder), and the tiny random
+pipelines of the tests. The DDIM step with log-prob lives in :mod:`rlbench.diffusion.ddim`; this
+module only calls it.
+
+Trainable parts: LoRA adapters through peft (``train_mode="lora"``, default rank 4 on
+to_q/to_k/to_v/to_out.0, as ddpo-pytorch and trl) or the full UNet. Frozen weights may be fp16/bf16
+on a GPU; trainable parameters are always float32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlbench.diffusion.ddim import ddim_step_with_logprob
+from rlbench.errors import ConfigError, UnknownNameError, WeightsNotAvailable
+
+
+@dataclass
+class Rollout:
+    """What sampling returns: images plus the whole trajectory (per-process, on the policy device).
+
+    Shapes: images (B,3,H,W) float32 in [0,1]; latents (B,T+1,C,h,w) float32 (x_T ... x_0);
+    log_probs (B,T) float32; timesteps (T,) int64; prompt_embeds (B,L,D).
+    """
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+
+
+class DiffusionPolicy:
+    """A text-to-image diffusion model viewed as a policy over denoising steps."""
+
+    def __init__(
+        self,
+        unet: Any,
+        scheduler: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        vae: Any | None = None,
+        *,
+        name: str = "model",
+        default_prompts: str = "simple-animals",
+    ) -> None:
+        from diffusers import DDIMScheduler
+
+        self.unet = unet
+        # DDPO's policy is the stochastic DDIM step; any scheduler config converts to DDIM.
+        self.scheduler = scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.name = name
+        self.default_prompts = default_prompts
+        self.train_mode = "frozen"
+        self.lora_config: dict[str, Any] | None = None
+        self.model = unet  # the module called in forward passes: accelerate may wrap it (DDP)
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        self.unet.requires_grad_(False)
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path, *, revision: str | None = None, name: str | None = None,
+        default_prompts: str = "simple-animals",
+    ) -> DiffusionPolicy:
+        """Load from a local diffusers folder or a hub id (cache first; weights load on CPU, fp32)."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        quiet_hf()
+        source = str(source)
+        local = Path(source).is_dir()
+        if local and not (Path(source) / "unet").is_dir():
+            raise ConfigError(
+                f"{source!r} is not a diffusers model folder: it has no unet/ subfolder "
+                "(expected unet/, scheduler/, text_encoder/, tokenizer/ and optionally vae/)."
+            )
+        kw: dict[str, Any] = {} if local else {"revision": revision or None}
+
+        def load_all(local_files_only: bool) -> DiffusionPolicy:
+            lk = dict(kw, local_files_only=local_files_only)
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **lk)
+            scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **lk)
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **lk)
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **lk)
+            has_vae = (Path(source) / "vae").is_dir() if local else True
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **lk) if has_vae else None
+            return cls(unet, scheduler, text_encoder, tokenizer, vae, name=name or source,
+                       default_prompts=default_prompts)
+
+        try:
+            return load_all(local_files_only=True)
+        except (OSError, ValueError) as first:
+            if local:
+                raise ConfigError(f"cannot load the diffusers model in {source!r}: {first}") from first
+            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+                raise WeightsNotAvailable(_missing_weights_message(source, revision)) from first
+            try:
+                return load_all(local_files_only=False)
+            except Exception as exc:
+                raise WeightsNotAvailable(_missing_weights_message(source, revision) + f" ({exc})") from exc
+
+    # -- trainable parameters -----------------------------------------------------------------------
+    def setup_training(self, train_mode: str = "lora", rank: int = 4, alpha: float = 4.0,
+                       targets: list[str] | tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> None:
+        """Make LoRA adapters (peft) or the full UNet trainable, in float32."""
+        if train_mode == "lora":
+            from peft import LoraConfig
+
+            config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+            try:
+                self.unet.add_adapter(config)
+            except ValueError as exc:
+                raise ConfigError(f"model.lora_targets {list(targets)} do not match UNet modules: {exc}") from exc
+            self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
+        elif train_mode == "full":
+            self.unet.requires_grad_(True)
+        else:
+            raise ConfigError(f"model.train_mode must be 'lora' or 'full', got {train_mode!r}.")
+        for p in self.unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.train_mode = train_mode
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def named_trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    # -- placement ----------------------------------------------------------------------------------
+    def _frozen_modules(self) -> list[Any]:
+        return [m for m in (self.text_encoder, self.vae) if m is not None]
+
+    def to(self, device: torch.device | str, frozen_dtype: torch.dtype = torch.float32) -> DiffusionPolicy:
+        """Move to ``device``; frozen weights in ``frozen_dtype``, trainable ones stay float32."""
+        for module in [*self._frozen_modules(), self.unet]:
+            module.to(device=device)
+            if module.dtype != frozen_dtype:
+                module.to(dtype=frozen_dtype)
+        for p in self.unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the frozen UNet weights (inputs are cast to it)."""
+        frozen = [p for p in self.unet.parameters() if not p.requires_grad]
+        return (frozen or list(self.unet.parameters()))[0].dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, h, w)
+
+    @property
+    def image_size(self) -> int:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return self.latent_shape[1] * factor
+
+    # -- text -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) text embeddings; each distinct prompt is encoded once per call."""
+        unique = list(dict.fromkeys(prompts))
+        ids = self.tokenizer(
+            unique, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        embeds = self.text_encoder(ids)[0].to(self.dtype)
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        return embeds[index]
+
+    # -- denoising --------------------------------------------------------------------------------------
+    def guided_eps(self, latents: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor,
+                   neg_embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Model output with classifier-free guidance ``u + w (c - u)`` in one UNet pass (float32).
+
+        This guided output is what DDPO trains (paper App. E.1). Gradients flow when enabled.
+        """
+        b = latents.shape[0]
+        t = torch.as_tensor(t, device=latents.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        x = latents.to(self.dtype)
+        if guidance_scale == 1.0:
+            return self.model(x, t, encoder_hidden_states=embeds).sample.float()
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]),
+                         encoder_hidden_states=torch.cat([neg_embeds.expand(b, -1, -1), embeds])).sample.float()
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents -> images (B,3,H,W) float32 in [0,1]."""
+        if self.vae is None:
+            x = latents
+        else:
+            x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], *, num_steps: int, eta: float, guidance_scale: float,
+               generator: torch.Generator, negative_prompt: str = "", prompt_embeds: torch.Tensor | None = None,
+               neg_embeds: torch.Tensor | None = None) -> Rollout:
+        """Sample images for ``prompts`` with the stochastic DDIM policy, keeping the trajectory.
+
+        Noise comes from ``generator`` (a CPU generator makes runs reproducible across devices).
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        embeds = self.encode_prompts(prompts) if prompt_embeds is None else prompt_embeds
+        neg = self.encode_prompts([negative_prompt]) if neg_embeds is None else neg_embeds
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, device=self.device,
+                               dtype=torch.float32) * self.scheduler.init_noise_sigma
+        all_latents, all_log_probs = [latents], []
+        for t in timesteps:
+            eps = self.guided_eps(latents, t, embeds, neg, guidance_scale)
+            latents, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, latents, eta=eta, generator=generator)
+            all_latents.append(latents)
+            all_log_probs.append(log_prob)
+        return Rollout(
+            images=self.decode(latents),
+            latents=torch.stack(all_latents, dim=1),
+            log_probs=torch.stack(all_log_probs, dim=1),
+            timesteps=timesteps.clone(),
+            prompt_embeds=embeds,
+        )
+
+    def step_log_prob(self, latents: torch.Tensor, t: torch.Tensor, next_latents: torch.Tensor,
+                      embeds: torch.Tensor, neg_embeds: torch.Tensor, guidance_scale: float, eta: float) -> torch.Tensor:
+        """Log-prob of the stored action ``next_latents`` at (latents, t) under the current weights."""
+        eps = self.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
+        _, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, latents, eta=eta, prev_sample=next_latents)
+        return log_prob
+
+    # -- saving ---------------------------------------------------------------------------------------
+    def save_trained(self, folder: Path) -> None:
+        """Write the trained weights in the format plain diffusers loads.
+
+        LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(folder)``).
+        Full fine-tuning: ``unet/`` (``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")``).
+        """
+        if self.train_mode == "lora":
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        else:
+            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+
+    def save_state(self, folder: Path) -> None:
+        """Exact trainable state for resume (safetensors), plus :meth:`save_trained`'s files."""
+        from safetensors.torch import save_file
+
+        save_file({n: t.contiguous().cpu() for n, t in self.named_trainable_state().items()},
+                  str(folder / "trainable.safetensors"))
+        self.save_trained(folder)
+
+    def load_state(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "trainable.safetensors"))
+        params = dict(self.unet.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ConfigError(
+                f"checkpoint {folder} does not match the model's trainable parameters "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}); was it trained with another model or train_mode?"
+            )
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].device))
+
+
+def quiet_hf() -> None:
+    """Silence diffusers/transformers progress bars and info chatter (rlbench reports progress itself)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def _missing_weights_message(source: str, revision: str | None) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    return (
+        f"model weights for '{source}' are not in the local Hugging Face cache and cannot be downloaded "
+        f"(offline). Fetch them on a connected machine with `hf download {source}{rev}` (the same cache "
+        "is used), or pass --model /path/to/a/diffusers-folder."
+    )
+
+
+# -- the model registry's front door -----------------------------------------------------------------
+
+
+def load_policy(name: str, revision: str = "") -> DiffusionPolicy:
+    """A registered model name, a local diffusers folder, or a hub id (``org/name``)."""
+    from rlbench.registry import MODELS
+    from rlbench.reward import construct_plugin
+
+    if name in MODELS:
+        policy = construct_plugin(MODELS.load(name), {"revision": revision} if revision else {}, kind="model", name=name)
+        if not isinstance(policy, DiffusionPolicy):
+            raise ConfigError(f"model '{name}' returned {type(policy).__name__}, not a DiffusionPolicy.")
+        return policy
+    path = Path(name).expanduser()
+    if path.exists():
+        return DiffusionPolicy.from_pretrained(path, name=str(path))
+    if _looks_like_hub_id(name):
+        return DiffusionPolicy.from_pretrained(name, revision=revision or None)
+    raise UnknownNameError(
+        MODELS.unknown_message(name) + " Or give a diffusers folder (with unet/, scheduler/, text_encoder/, "
+        "tokenizer/) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+# Aliases for the DDPO paper's checkpoints (paper: SD 1.4; ddpo-pytorch base config: SD 1.5).
+def sd14(revision: str = "") -> DiffusionPolicy:
+    """Stable Diffusion v1.4 (CompVis/stable-diffusion-v1-4), the DDPO paper's base model."""
+    return DiffusionPolicy.from_pretrained("CompVis/stable-diffusion-v1-4", revision=revision or None, name="sd-1.4")
+
+
+def sd15(revision: str = "") -> DiffusionPolicy:
+    """Stable Diffusion v1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5, formerly runwayml/...)."""
+    return DiffusionPolicy.from_pretrained(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", revision=revision or None, name="sd-1.5"
+    )

@@ -1,0 +1,168 @@
+"""Shared test helpers: fake plugin distributions, a configurable test reward, run directories.
+
+Imported by the tests as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rlbench.reward import Reward
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The venv's console script, exactly as a user runs it.
+RLBENCH_EXE = Path(sys.executable).parent / "rlbench"
+
+
+# -- fake plugin distributions ----------------------------------------------------------------------
+
+
+def make_fake_distribution(
+    root: str | Path,
+    name: str = "fakepkg",
+    version: str = "0.1",
+    entry_points: Mapping[str, Mapping[str, str]] | None = None,
+    modules: Mapping[str, str] | None = None,
+) -> Path:
+    """Write an installed-looking distribution into ``root`` (a folder to put on ``sys.path``).
+
+    Creates ``<root>/<name>-<version>.dist-info/{METADATA,entry_points.txt}`` — what pip writes —
+    plus one ``<module>.py`` per item of ``modules`` (module name -> source). ``entry_points`` maps a
+    group (e.g. ``"rlbench.rewards"``) to ``{entry name: "module:attr"}``.
+
+    Returns ``root``; add it to ``sys.path`` (``monkeypatch.syspath_prepend``) or ``PYTHONPATH``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\nSummary: a fake rlbench plugin for tests\n",
+        encoding="utf-8",
+    )
+    lines = []
+    for group, eps in (entry_points or {}).items():
+        lines.append(f"[{group}]")
+        lines += [f"{ep_name} = {target}" for ep_name, target in eps.items()]
+        lines.append("")
+    (info / "entry_points.txt").write_text("\n".join(lines), encoding="utf-8")
+    for module, source in (modules or {}).items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+    return root
+
+
+# -- a reward whose behaviour each test chooses -----------------------------------------------------
+
+
+ScoreFn = Callable[[torch.Tensor, Sequence[str], Sequence[Mapping[str, Any]]], Any]
+
+
+class GenericTestReward(Reward):
+    """A :class:`Reward` whose ``score`` is ``score_fn(images, prompts, metadata)``.
+
+    ``deterministic`` and ``name`` are set per instance, so one class covers every broken reward.
+    """
+
+    def __init__(self, score_fn: ScoreFn, *, deterministic: bool = True, name: str = "generic-test") -> None:
+        self.score_fn = score_fn
+        self.deterministic = deterministic
+        self.name = name
+
+    def score(self, images, prompts, metadata):
+        return self.score_fn(images, prompts, metadata)
+
+
+def mean_pixel(images: torch.Tensor, prompts=None, metadata=None) -> torch.Tensor:
+    """A well-behaved score: mean pixel value per image, float32 (B,)."""
+    return images.mean(dim=(1, 2, 3))
+
+
+# -- images -------------------------------------------------------------------------------------
+
+
+def random_images(batch: int, height: int = 32, width: int | None = None, seed: int = 0) -> torch.Tensor:
+    """(B,3,H,W) float32 uniform in [0, 1], seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, height, width or height, generator=g)
+
+
+def write_png(path: str | Path, array_hwc_uint8: np.ndarray) -> Path:
+    """Save an (H,W,3) uint8 array as a PNG and return its path."""
+    path = Path(path)
+    Image.fromarray(np.asarray(array_hwc_uint8, dtype=np.uint8)).save(path, format="PNG")
+    return path
+
+
+# -- run directories ------------------------------------------------------------------------------
+
+
+def make_run_dir(
+    path: str | Path,
+    *,
+    reward: str = "incompressibility",
+    reward_options: Mapping[str, Any] | None = None,
+    epochs: Sequence[int] = (1, 2),
+    num_images: int = 4,
+    size: int = 32,
+    seed: int = 0,
+):
+    """A run directory built by hand with :class:`RunDir`: config.toml + sample images at ``epochs``.
+
+    Images are random (different per epoch); records carry prompt, seed, split, reward and score.
+    Returns the :class:`RunDir`.
+    """
+    from rlbench.config import TrainConfig
+    from rlbench.rundir import RunDir
+
+    cfg = TrainConfig()
+    cfg.reward.name = reward
+    cfg.reward.options = dict(reward_options or {})
+    run = RunDir.create(path)
+    run.write_config(cfg.to_toml())
+    for k, epoch in enumerate(epochs):
+        images = random_images(num_images, size, seed=seed + 100 * k)
+        # Make epochs differ in compressibility too: the second epoch's images are smoother.
+        images = images * (0.5 ** k) + 0.25 * (1 - 0.5 ** k)
+        records = [
+            {"prompt": f"prompt {i % 2}", "seed": 1000 * epoch + i, "split": "train" if i % 2 == 0 else "test",
+             "reward": reward, "score": 0.0}
+            for i in range(num_images)
+        ]
+        run.write_samples(epoch, images, records)
+    return run
+
+
+# -- subprocesses ---------------------------------------------------------------------------------
+
+
+def subprocess_env(*pythonpath: str | Path) -> dict[str, str]:
+    """The current environment, offline, with ``pythonpath`` folders in front of ``PYTHONPATH``."""
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    parts = [str(p) for p in pythonpath] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    if parts:
+        env["PYTHONPATH"] = os.pathsep.join(parts)
+    else:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_cli(args: Sequence[str], *pythonpath: str | Path, cwd: str | Path | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the installed ``rlbench`` console script as a real subprocess."""
+    return subprocess.run(
+        [str(RLBENCH_EXE), *map(str, args)], capture_output=True, text=True, env=subprocess_env(*pythonpath),
+        cwd=cwd, timeout=timeout,
+    )
