@@ -106,6 +106,7 @@ def weighted_denoising_loss(
 from dataclasses import dataclass  # noqa: E402
 
 from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option  # noqa: E402
+from rlbench.errors import ConfigError  # noqa: E402
 
 
 class _RWRBase(Algorithm):
@@ -115,6 +116,17 @@ class _RWRBase(Algorithm):
     (t in [0, num_train_timesteps), jannerm/ddpo ddpo/training/diffusion.py) and the guided model
     output is regressed onto the noise (or the velocity for v-prediction models), weighted per sample.
     """
+
+    @classmethod
+    def validate(cls, config, options) -> list[str]:
+        # The loss needs no log-probs, but the sampler records the stochastic DDIM policy's
+        # trajectory and log-probs, which have no density at eta = 0: fail here, before any compute.
+        if config.sample.eta <= 0:
+            raise ConfigError(
+                f"{cls.name} samples with the stochastic DDIM policy: sample.eta must be > 0 "
+                f"(paper: 1.0), got {config.sample.eta}."
+            )
+        return []
 
     def update(self, policy, batch: TrainBatch, ctx: UpdateContext) -> dict[str, float | None]:
         cfg = self.config

@@ -148,11 +148,14 @@ class DiffusionPolicy:
         """Move to ``device``; frozen weights in ``frozen_dtype``, trainable ones stay float32."""
         for module in [*self._frozen_modules(), self.unet]:
             module.to(device=device)
+        # Keep the trainable tensors aside so a cast of the UNet does not round them through
+        # frozen_dtype (trained LoRA weights would lose precision on a fp16/bf16 round trip).
+        trainable = [(p, p.data) for p in self.unet.parameters() if p.requires_grad]
+        for module in [*self._frozen_modules(), self.unet]:
             if module.dtype != frozen_dtype:
                 module.to(dtype=frozen_dtype)
-        for p in self.unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        for p, data in trainable:
+            p.data = data.float()
         return self
 
     @property
@@ -265,7 +268,13 @@ class DiffusionPolicy:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            state = get_peft_model_state_dict(self.unet)
+            # The file carries no lora_alpha, and loaders then use alpha = rank (scale 1): fold the
+            # peft scale alpha / r into B so every loader computes what this model computes.
+            scale = self.lora_config["lora_alpha"] / self.lora_config["r"] if self.lora_config else 1.0
+            if scale != 1.0:
+                state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+            layers = convert_state_dict_to_diffusers(state)
             StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
         else:
             self.unet.save_pretrained(folder / "unet", safe_serialization=True)
@@ -289,6 +298,13 @@ class DiffusionPolicy:
             raise ConfigError(
                 f"checkpoint {folder} does not match the model's trainable parameters "
                 f"(missing {missing[:3]}, unexpected {extra[:3]}); was it trained with another model or train_mode?"
+            )
+        wrong = sorted(n for n, t in state.items() if t.shape != params[n].shape)
+        if wrong:
+            raise ConfigError(
+                f"checkpoint {folder} has trainable parameters of other shapes than the model's "
+                f"(e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(params[wrong[0]].shape)}); "
+                "was it trained with another model or model.lora_rank?"
             )
         with torch.no_grad():
             for n, t in state.items():

@@ -74,14 +74,28 @@ def train(
         progress: show a rich progress bar.
         log: receives one line per epoch (None = silent).
     """
+    trainer = prepare(config, overrides, values, resume=resume, overwrite=overwrite, progress=progress, log=log)
+    return trainer.run(resume=resume, overwrite=overwrite)
+
+
+def prepare(
+    config: str | Path | TrainConfig | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, dict[str, Any]] | None = None,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> Trainer:
+    """Resolve and validate everything, load the model, and return a ready :class:`Trainer`.
+
+    Every plugin is resolved and the whole configuration validated before the model is loaded.
+    """
     from rlbench.algorithm import resolve_algorithm
+    from rlbench.prompts import load_prompts
     from rlbench.reward import make_reward
 
-    if isinstance(config, TrainConfig):
-        cfg = config.validate()
-    else:
-        cfg = resolve_config(config, overrides, values, resume)
-    # Every plugin is resolved and validated before any model is loaded.
+    cfg = config.validate() if isinstance(config, TrainConfig) else resolve_config(config, overrides, values, resume)
     algorithm, notices = resolve_algorithm(cfg)
     cfg.validate()
     reward = make_reward(cfg.reward.name, **cfg.reward.options)
@@ -92,26 +106,22 @@ def train(
             raise DependencyNotInstalled("logging.wandb = true needs wandb: pip install 'rlbench[wandb]'.") from exc
     if cfg.model.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("model.mixed_precision = 'fp16' needs a CUDA GPU; use 'no' or 'bf16' on CPU.")
-    from rlbench.prompts import load_prompts
-
-    if cfg.prompts.name:
-        prompt_set = load_prompts(cfg.prompts.name)  # fail fast on a bad prompt name
-    if resume is None:
-        out = Path(cfg.run.out) if cfg.run.out else None
-        if out is not None and out.is_dir() and any(out.iterdir()) and not overwrite:
+    prompt_set = load_prompts(cfg.prompts.name) if cfg.prompts.name else None  # fail fast on a bad name
+    if resume is None and cfg.run.out and not overwrite:
+        out = Path(cfg.run.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
             RunDir.create(out)  # raises the standard "already exists" error before loading the model
 
     from rlbench.policy import load_policy
 
     policy = load_policy(cfg.model.name, cfg.model.revision)
-    if not cfg.prompts.name:
+    if prompt_set is None:
         cfg.prompts.name = policy.default_prompts
         prompt_set = load_prompts(cfg.prompts.name)
-
     trainer = Trainer(cfg, policy, reward, algorithm, prompt_set, log=log, progress=progress)
     for notice in notices:
         trainer.info(notice)
-    return trainer.run(resume=resume, overwrite=overwrite)
+    return trainer
 
 
 class Trainer:

@@ -167,6 +167,15 @@ def test_plain_plugin_card_has_neutral_defaults() -> None:
     assert card.weights == "none"
 
 
+@pytest.mark.parametrize("error", [WeightsNotAvailable, DependencyNotInstalled])
+def test_missing_weights_or_dependency_is_not_reported_as_a_contract_violation(error) -> None:
+    def needs_weights(images, prompts, metadata):
+        raise error("weights absent; run `rlbench rewards download x`")
+
+    with pytest.raises(error, match="rlbench rewards download x"):
+        check_reward(GenericTestReward(needs_weights))
+
+
 # -- the CheckedReward boundary ---------------------------------------------------------------------
 
 
