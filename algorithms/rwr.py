@@ -117,6 +117,8 @@ class _RWRBase(Algorithm):
     output is regressed onto the noise (or the velocity for v-prediction models), weighted per sample.
     """
 
+    trains_on_trajectory = False
+
     @classmethod
     def validate(cls, config, options) -> list[str]:
         # The loss needs no log-probs, but the sampler records the stochastic DDIM policy's

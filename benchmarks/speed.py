@@ -63,7 +63,7 @@ def unet_only_seconds(trainer) -> tuple[float, float]:
     emb = policy.encode_prompts(["a photo of a cat"])
     n_steps = cfg.sample.num_steps
     bs, mb = cfg.sample.batch_size, cfg.train.batch_size
-    n_train = max(1, int(n_steps * cfg.train.timestep_fraction))
+    n_train = max(1, int(n_steps * cfg.train.timestep_fraction)) if trainer.algorithm.trains_on_trajectory else 1
     micro = cfg.samples_per_epoch // mb * cfg.train.num_inner_epochs
     guided = cfg.sample.guidance_scale != 1.0
     k = 2 if guided else 1

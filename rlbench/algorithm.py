@@ -82,6 +82,9 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # True: updates re-run the UNet on the stored trajectory's denoising steps (DDPO);
+    # False: one UNet call per sample per inner epoch (RWR's denoising regression).
+    trains_on_trajectory: ClassVar[bool] = True
 
     @dataclass
     class Options:
