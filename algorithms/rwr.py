@@ -13,25 +13,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from rlbench.advantages import RewardsLike, as_float64, to_output
+
 # Paper Table D.5 "inverse temperature 0.2"; jannerm/ddpo finetune.py `temperature=1/5`, applied
 # as `softmax_ref(x * temperature)` so it multiplies the reward (an inverse temperature).
 BETA = 0.2
 # Paper Table D.5 "percentile 0.9"; jannerm/ddpo config `mask_mode="percentile", mask_param=90`.
 PERCENTILE = 90.0
-
-RewardsLike = torch.Tensor | np.ndarray | Sequence[float]
-
-
-def _as_float64(rewards: RewardsLike) -> np.ndarray:
-    if isinstance(rewards, torch.Tensor):
-        arr = rewards.detach().to(device="cpu", dtype=torch.float64).numpy()
-    else:
-        arr = np.asarray(rewards, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"rewards must be 1-D, got shape {tuple(arr.shape)}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("rewards contain NaN or inf")
-    return arr
 
 
 def _groups(n: int, prompts: Sequence[str] | None) -> list[np.ndarray]:
@@ -45,10 +33,6 @@ def _groups(n: int, prompts: Sequence[str] | None) -> list[np.ndarray]:
     return [np.flatnonzero(inverse == k) for k in range(int(inverse.max()) + 1)] if n else []
 
 
-def _device(like: RewardsLike) -> torch.device:
-    return like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
-
-
 def rwr_weights(
     rewards: RewardsLike, prompts: Sequence[str] | None = None, beta: float = BETA
 ) -> torch.Tensor:
@@ -58,13 +42,13 @@ def rwr_weights(
     stays on the scale of the plain MSE. Returns float32 weights (no grad), summing to N (to N_p
     per prompt).
     """
-    r = _as_float64(rewards)
+    r = as_float64(rewards)
     w = np.empty_like(r)
     for idx in _groups(r.size, prompts):
         z = beta * r[idx]
         e = np.exp(z - z.max())  # max-shift as in jannerm's softmax_ref: overflow-safe
         w[idx] = e / e.sum() * idx.size
-    return torch.from_numpy(w.astype(np.float32)).to(_device(rewards))
+    return to_output(w, rewards)
 
 
 def sparse_mask(
@@ -76,11 +60,12 @@ def sparse_mask(
     interpolated, "top 10%" is approximate: 10 samples keep 1, 16 keep 2 (0.9·15 = 13.5), and
     ties at the threshold are all kept (a group of equal rewards keeps everything).
     """
-    r = _as_float64(rewards)
+    r = as_float64(rewards)
     mask = np.zeros(r.shape, dtype=bool)
     for idx in _groups(r.size, prompts):
         mask[idx] = r[idx] >= np.percentile(r[idx], percentile)
-    return torch.from_numpy(mask).to(_device(rewards))
+    mask_t = torch.from_numpy(mask)
+    return mask_t.to(rewards.device) if isinstance(rewards, torch.Tensor) else mask_t
 
 
 def weighted_denoising_loss(

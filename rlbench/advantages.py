@@ -38,7 +38,7 @@ BATCH_STD_EPS = 1e-8
 RewardsLike = torch.Tensor | np.ndarray | Sequence[float]
 
 
-def _as_float64(rewards: RewardsLike) -> np.ndarray:
+def as_float64(rewards: RewardsLike) -> np.ndarray:
     """1-D float64 numpy copy of ``rewards``; rejects NaN/inf (they would poison a buffer for good)."""
     if isinstance(rewards, torch.Tensor):
         arr = rewards.detach().to(device="cpu", dtype=torch.float64).numpy()
@@ -51,7 +51,7 @@ def _as_float64(rewards: RewardsLike) -> np.ndarray:
     return arr
 
 
-def _to_output(values: np.ndarray, like: RewardsLike) -> torch.Tensor:
+def to_output(values: np.ndarray, like: RewardsLike) -> torch.Tensor:
     """float32 tensor, on the device of ``like`` when it is a tensor."""
     out = torch.from_numpy(values.astype(np.float32))
     return out.to(like.device) if isinstance(like, torch.Tensor) else out
@@ -59,10 +59,10 @@ def _to_output(values: np.ndarray, like: RewardsLike) -> torch.Tensor:
 
 def batch_normalize(rewards: RewardsLike) -> torch.Tensor:
     """``(r - mean) / (std + 1e-8)`` over the whole batch (ddpo-pytorch train.py L435, population std)."""
-    r = _as_float64(rewards)
+    r = as_float64(rewards)
     if r.size == 0:
-        return _to_output(r, rewards)
-    return _to_output((r - r.mean()) / (r.std() + BATCH_STD_EPS), rewards)
+        return to_output(r, rewards)
+    return to_output((r - r.mean()) / (r.std() + BATCH_STD_EPS), rewards)
 
 
 class PerPromptStatTracker:
@@ -83,7 +83,7 @@ class PerPromptStatTracker:
 
     def update(self, prompts: Sequence[str], rewards: RewardsLike) -> torch.Tensor:
         """Push ``rewards`` into the buffers and return float32 advantages in input order."""
-        r = _as_float64(rewards)
+        r = as_float64(rewards)
         prompt_list = list(prompts)
         if not all(isinstance(p, str) for p in prompt_list):
             raise TypeError("prompts must be str (they key the buffers and the JSON state)")
@@ -92,7 +92,7 @@ class PerPromptStatTracker:
             raise ValueError(f"got {len(prompt_arr)} prompts for {r.size} rewards")
         advantages = np.empty_like(r)
         if r.size == 0:
-            return _to_output(advantages, rewards)
+            return to_output(advantages, rewards)
         batch_mean, batch_std = r.mean(), r.std()
         for prompt in dict.fromkeys(prompt_arr.tolist()):  # unique, first-seen order
             mask = prompt_arr == prompt
@@ -104,7 +104,7 @@ class PerPromptStatTracker:
                 values = np.fromiter(buffer, dtype=np.float64, count=len(buffer))
                 mean, std = values.mean(), values.std()
             advantages[mask] = (r[mask] - mean) / (std + TRACKER_STD_EPS)
-        return _to_output(advantages, rewards)
+        return to_output(advantages, rewards)
 
     def stats(self) -> dict[str, float]:
         """Scalars for logging: prompts tracked, mean buffer length, prompts past ``min_count``."""
