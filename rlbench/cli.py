@@ -29,6 +29,8 @@ app.add_typer(rewards_app, name="rewards")
 app.add_typer(algos_app, name="algos")
 app.add_typer(models_app, name="models")
 app.add_typer(prompts_app, name="prompts")
+shapes_app = typer.Typer(help="The shapes world: pretrain and measure the embedded model.", no_args_is_help=True)
+app.add_typer(shapes_app, name="shapes")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -295,6 +297,46 @@ def prompts_show(name: str = typer.Argument(..., help="Prompt set name or file."
     from rlbench.prompts import load_prompts
 
     typer.echo("\n".join(load_prompts(name).prompts))
+
+
+@shapes_app.command("pretrain")
+@cli_errors
+def shapes_pretrain(
+    out: Path = typer.Option(..., "--out", help="Folder for the model (diffusers layout); must be new or empty."),
+    steps: int = typer.Option(20_000, "--steps", min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes rendering training images (0: in-process)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and the data stream."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop early (and save) after this long."),
+) -> None:
+    """Pretrain the shapes-world text-to-image model from scratch on rendered (image, caption) pairs."""
+    from rlbench.evaluate import prepare_out
+    from rlbench.shapes.model import pretrain, vocabulary, world_batches
+
+    folder = prepare_out(out)
+    pretrain(folder, world_batches(steps, batch_size, seed, workers), vocabulary(), steps=steps,
+             batch_size=batch_size, lr=lr, device=device, seed=seed, log=typer.echo, max_seconds=max_seconds)
+    typer.echo(f"model: {folder}")
+
+
+@shapes_app.command("quality")
+@cli_errors
+def shapes_quality(
+    model: str = typer.Option("shapes", "--model", help="Registered model or diffusers folder."),
+    n: int = typer.Option(256, "--n", min=2, help="Samples per split."),
+    steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps."),
+    guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance weight."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+) -> None:
+    """Gold score of samples against their own prompts (matching) and others' (mismatched), per split."""
+    from rlbench.evaluate import markdown_table
+    from rlbench.policy import load_policy
+    from rlbench.shapes.quality import quality_table
+
+    table = quality_table(load_policy(model), n=n, num_steps=steps, guidance_scale=guidance, seed=seed)
+    typer.echo(markdown_table(table), nl=False)
 
 
 def main() -> None:

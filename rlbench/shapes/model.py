@@ -1,0 +1,285 @@
+"""The embedded text-to-image model of the shapes world: architecture, tokenizer, pretraining.
+
+A pixel-space diffusers ``UNet2DConditionModel`` (32x32 RGB, no VAE) conditioned on a tiny
+``CLIPTextModel`` over a word-level CLIP BPE vocabulary learnt from the world's captions (any other
+text still tokenises, byte by byte). Everything is saved in the diffusers folder layout, so
+:meth:`rlbench.policy.DiffusionPolicy.from_pretrained` loads it like any Stable Diffusion folder.
+
+Pretraining is plain DDPM epsilon-prediction on rendered (image, caption) pairs of the training
+prompts only (held-out prompts stay unseen by the whole pipeline), with 10 % of captions dropped
+for classifier-free guidance and an EMA of the UNet weights, which is what is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IMAGE_SIZE = 32
+MAX_TOKENS = 20  # longest caption is ~14 words + BOS/EOS
+TEXT_DIM = 64
+CFG_DROPOUT = 0.1  # fraction of captions replaced by "" during pretraining (classifier-free guidance)
+EMA_DECAY = 0.999
+
+# DDPM's linear schedule (Ho et al. 2020) suits 32x32 pixel-space models; the DDIM sampling
+# conventions follow SD (leading spacing, steps_offset 1, no alpha-to-one at the end) so that the
+# last DDIM step keeps a non-zero variance and a finite log-prob for DDPO.
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": TEXT_DIM,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+
+TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": TEXT_DIM,
+    "intermediate_size": 4 * TEXT_DIM,
+    "projection_dim": TEXT_DIM,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": MAX_TOKENS,
+}
+
+
+# -- tokenizer ------------------------------------------------------------------------------------
+
+
+def write_tokenizer(folder: Path, words: Iterable[str]) -> None:
+    """A CLIP BPE tokenizer in which every world word is one token, with byte fallback.
+
+    Merges are learnt with the ``tokenizers`` BPE trainer on the word list (BPE training
+    guarantees each training word re-tokenises to a single symbol); the 256 byte symbols and
+    their end-of-word variants stay in the vocabulary so any text can be encoded.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    from rlbench.testing import _bytes_to_unicode, byte_level_vocab
+
+    words = sorted({w.lower() for w in words})
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+        initial_alphabet=sorted(_bytes_to_unicode().values()), limit_alphabet=1000,
+    )
+    bpe.train_from_iterator(words, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab = {t: i for t, i in byte_level_vocab().items() if t not in (bos, eos)}
+    for token in sorted(model["vocab"], key=model["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    vocab[bos], vocab[eos] = len(vocab), len(vocab) + 1
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
+    tok.save_pretrained(folder)
+    # save_pretrained (transformers 5) writes tokenizer.json; keep vocab/merges for transformers 4.
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def new_components(words: Iterable[str], seed: int = 0) -> dict[str, Any]:
+    """Fresh, randomly initialised components (unet, text_encoder, tokenizer, scheduler)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp), words)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **TEXT_CONFIG,
+        ))
+    return {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": DDIMScheduler(**SCHEDULER_CONFIG)}
+
+
+def save_components(folder: Path, comps: dict[str, Any], words: Iterable[str]) -> Path:
+    """Write the diffusers folder layout: unet/, text_encoder/, tokenizer/, scheduler/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    comps["unet"].save_pretrained(folder / "unet", safe_serialization=True)
+    comps["text_encoder"].save_pretrained(folder / "text_encoder", safe_serialization=True)
+    write_tokenizer(folder / "tokenizer", words)
+    comps["scheduler"].save_pretrained(folder / "scheduler")
+    return folder
+
+
+# -- pretraining ---------------------------------------------------------------------------------
+
+def world_batch(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """Batch ``index`` of the pretraining stream: (uint8 images (B,32,32,3), captions).
+
+    Each batch has its own seed ``(seed, index)``, so the stream is the same however many worker
+    processes make it. Held-out prompt spaces are excluded: the base model never sees them.
+    """
+    from rlbench.shapes.world import sample_batch
+
+    seed, index, batch_size = args
+    images, captions, _ = sample_batch(np.random.default_rng([seed, index]), batch_size, exclude_heldout=True)
+    return images, captions
+
+
+def world_batches(steps: int, batch_size: int, seed: int, workers: int = 0):
+    """The pretraining stream, rendered ahead in ``workers`` processes (0: in this process)."""
+    tasks = ((seed, i, batch_size) for i in range(steps))
+    if workers <= 0:
+        yield from map(world_batch, tasks)
+        return
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        window: deque = deque()
+        for task in tasks:  # a bounded window of batches in flight keeps memory flat
+            window.append(pool.submit(world_batch, task))
+            if len(window) >= 4 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def pretrain(
+    out: Path,
+    batches: Iterable[tuple[np.ndarray, list[str]]],
+    words: Iterable[str],
+    *,
+    steps: int = 20_000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    warmup: int = 500,
+    device: str = "cpu",
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+    log_every: int = 200,
+    max_seconds: float | None = None,
+) -> Path:
+    """Train the model from scratch on ``batches`` of (uint8 images (B,32,32,3), captions).
+
+    AdamW with linear warm-up then cosine decay; gradients clipped at 1; the EMA of the UNet and
+    text-encoder weights is saved to ``out`` in the diffusers layout, with ``pretrain.json``.
+    """
+    words = list(words)
+    comps = new_components(words, seed)
+    unet, text_encoder, tokenizer, scheduler = (comps[k] for k in ("unet", "text_encoder", "tokenizer", "scheduler"))
+    dev = torch.device(device)
+    unet.to(dev).train()
+    text_encoder.to(dev).train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    alphas = scheduler.alphas_cumprod.to(dev)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    t0, running = time.perf_counter(), 0.0
+    for step, (images, captions) in zip(range(steps), batches):
+        batch_size = len(captions)
+        drop = rng.random(batch_size) < CFG_DROPOUT
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        x0 = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids.to(dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = unet(x_t, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched_lr.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))  # short runs: the EMA warms up too
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        running += float(loss.detach())
+        if log is not None and (step + 1) % log_every == 0:
+            log(f"step {step + 1}/{steps}  loss {running / log_every:.4f}  {time.perf_counter() - t0:.0f}s")
+            running = 0.0
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            if log is not None:
+                log(f"stopping after {step + 1} steps: the {max_seconds:.0f} s budget is spent")
+            break
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.to("cpu").eval()
+    text_encoder.to("cpu").eval()
+    save_components(out, comps, words)
+    meta = {"steps": step + 1, "planned_steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
+            "device": device, "seconds": time.perf_counter() - t0, "ema_decay": EMA_DECAY,
+            "cfg_dropout": CFG_DROPOUT}
+    (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+# -- the shipped model ----------------------------------------------------------------------------
+
+WEIGHTS_DIR = "weights"  # rlbench/shapes/weights/: the pretrained model, shipped as package data
+
+
+def shipped_weights() -> Path:
+    """Folder of the pretrained shapes model inside the installed package."""
+    from importlib import resources
+
+    return Path(str(resources.files("rlbench.shapes").joinpath(WEIGHTS_DIR)))
+
+
+def load_shapes_model(revision: str = ""):
+    """The embedded default model (``--model shapes``): text-to-image on the shapes world, 32x32 px."""
+    from rlbench.errors import ConfigError, WeightsNotAvailable
+    from rlbench.policy import DiffusionPolicy
+
+    if revision:
+        raise ConfigError("the shapes model ships with rlbench and has no revisions; drop model.revision.")
+    folder = shipped_weights()
+    if not (folder / "unet").is_dir():
+        raise WeightsNotAvailable(
+            f"the shapes model's pretrained weights are not in this installation ({folder}). Train them with "
+            "`rlbench shapes pretrain --out shapes-model` and pass `--model shapes-model`."
+        )
+    return DiffusionPolicy.from_pretrained(folder, name="shapes", default_prompts="shapes-train")
+
+
+def vocabulary() -> list[str]:
+    """Every word of every shapes-world caption (the tokenizer's whole-word tokens)."""
+    from rlbench.shapes.grammar import all_prompts
+
+    return sorted({w for p in all_prompts() for w in p.split()})

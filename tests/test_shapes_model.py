@@ -1,0 +1,67 @@
+"""The shapes-world text-to-image model: tokenizer, pretraining loop, loading, quality table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rlbench.errors import WeightsNotAvailable
+from rlbench.shapes import model as shapes_model
+from rlbench.shapes.grammar import all_prompts
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "model"
+    batches = shapes_model.world_batches(steps=3, batch_size=8, seed=0)
+    shapes_model.pretrain(out, batches, shapes_model.vocabulary(), steps=3, batch_size=8, warmup=2, log=None)
+    return out
+
+
+def test_every_world_word_is_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    shapes_model.write_tokenizer(tmp_path, shapes_model.vocabulary())
+    tok = CLIPTokenizer.from_pretrained(tmp_path, model_max_length=shapes_model.MAX_TOKENS)
+    for word in shapes_model.vocabulary():
+        assert len(tok(word).input_ids) == 3, word  # BOS, the word, EOS
+    longest = max(all_prompts(), key=lambda p: len(p.split()))
+    assert len(tok(longest).input_ids) <= shapes_model.MAX_TOKENS
+    assert len(tok("a pink hexagon, übrigens").input_ids) > 3  # other text still encodes (bytes)
+
+
+def test_world_batches_are_the_same_with_worker_processes():
+    a = list(shapes_model.world_batches(steps=2, batch_size=4, seed=7, workers=0))
+    b = list(shapes_model.world_batches(steps=2, batch_size=4, seed=7, workers=2))
+    assert all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
+
+
+def test_pretraining_writes_a_loadable_diffusers_folder(pretrained):
+    from rlbench.policy import load_policy
+
+    meta = json.loads((pretrained / "pretrain.json").read_text())
+    assert meta["steps"] == 3
+    policy = load_policy(str(pretrained))
+    assert policy.vae is None and policy.image_size == 32
+    out = policy.sample(["a red circle", "two blue squares"], num_steps=2, eta=1.0, guidance_scale=5.0,
+                        generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 3, 32, 32) and torch.isfinite(out.log_probs).all()
+
+
+def test_quality_table_reports_matching_and_mismatched(pretrained):
+    from rlbench.policy import load_policy
+    from rlbench.shapes.quality import quality_table
+
+    table = quality_table(load_policy(str(pretrained)), splits=["train"], n=4, num_steps=2)
+    assert set(table.columns) == {"split", "template", "n", "matching", "mismatched"}
+    assert table.loc[table.template == "all", "n"].item() == 4
+    assert table[["matching", "mismatched"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_missing_shipped_weights_name_the_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(shapes_model, "shipped_weights", lambda: tmp_path / "absent")
+    with pytest.raises(WeightsNotAvailable, match="rlbench shapes pretrain"):
+        shapes_model.load_shapes_model()
