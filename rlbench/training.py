@@ -13,6 +13,7 @@ onwards exactly as an uninterrupted run would (on the same hardware and thread c
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -195,6 +196,10 @@ class Trainer:
         if self.main:
             run.write_config(self.cfg.to_toml())
             run.truncate_metrics(start - 1)
+            # Samples logged after the checkpoint belong to the interrupted attempt: redo them.
+            for epoch in run.sample_epochs():
+                if epoch >= start:
+                    shutil.rmtree(run.samples_dir(epoch), ignore_errors=True)
         if start:
             self._load_checkpoint(run, start)
         return run, start
