@@ -13,6 +13,7 @@ on a GPU; trainable parameters are always float32.
 from __future__ import annotations
 
 import os
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ import torch
 
 from rlbench.diffusion.ddim import ddim_step_with_logprob
 from rlbench.errors import ConfigError, UnknownNameError, WeightsNotAvailable
+
+
+RLBENCH_MODEL_FILE = "rlbench.json"  # optional model-folder metadata: pixel_shuffle, default_prompts
 
 
 @dataclass
@@ -51,7 +55,13 @@ class DiffusionPolicy:
         *,
         name: str = "model",
         default_prompts: str = "simple-animals",
+        pixel_shuffle: int = 1,
     ) -> None:
+        """Args:
+        pixel_shuffle: for pixel-space models (no VAE) whose UNet works on space-to-depth
+            images: the UNet's (C*r*r, H/r, W/r) sample is ``pixel_shuffle``-d by r to (C, H, W).
+            A lossless reshaping that makes a small UNet r*r times cheaper per step.
+        """
         from diffusers import DDIMScheduler
 
         self.unet = unet
@@ -62,6 +72,9 @@ class DiffusionPolicy:
         self.vae = vae
         self.name = name
         self.default_prompts = default_prompts
+        if pixel_shuffle < 1 or (pixel_shuffle > 1 and vae is not None):
+            raise ConfigError(f"pixel_shuffle must be >= 1 and only applies to models without a VAE, got {pixel_shuffle}.")
+        self.pixel_shuffle = pixel_shuffle
         self.train_mode = "frozen"
         self.lora_config: dict[str, Any] | None = None
         self.model = unet  # the module called in forward passes: accelerate may wrap it (DDP)
@@ -88,6 +101,9 @@ class DiffusionPolicy:
                 "(expected unet/, scheduler/, text_encoder/, tokenizer/ and optionally vae/)."
             )
         kw: dict[str, Any] = {} if local else {"revision": revision or None}
+        # Optional rlbench metadata of a model folder (the shapes model writes it).
+        extra = json.loads((Path(source) / RLBENCH_MODEL_FILE).read_text()) if local and (
+            Path(source) / RLBENCH_MODEL_FILE).is_file() else {}
 
         def load_all(local_files_only: bool) -> DiffusionPolicy:
             lk = dict(kw, local_files_only=local_files_only)
@@ -98,7 +114,8 @@ class DiffusionPolicy:
             has_vae = (Path(source) / "vae").is_dir() if local else True
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **lk) if has_vae else None
             return cls(unet, scheduler, text_encoder, tokenizer, vae, name=name or source,
-                       default_prompts=default_prompts)
+                       default_prompts=extra.get("default_prompts", default_prompts),
+                       pixel_shuffle=int(extra.get("pixel_shuffle", 1)))
 
         try:
             return load_all(local_files_only=True)
@@ -176,7 +193,7 @@ class DiffusionPolicy:
 
     @property
     def image_size(self) -> int:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else self.pixel_shuffle
         return self.latent_shape[1] * factor
 
     # -- text -----------------------------------------------------------------------------------------
@@ -214,7 +231,7 @@ class DiffusionPolicy:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents -> images (B,3,H,W) float32 in [0,1]."""
         if self.vae is None:
-            x = latents
+            x = torch.nn.functional.pixel_shuffle(latents, self.pixel_shuffle) if self.pixel_shuffle > 1 else latents
         else:
             x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)

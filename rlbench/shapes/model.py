@@ -45,12 +45,16 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "timestep_spacing": "leading",
 }
 
+# The UNet denoises space-to-depth images: (3, 32, 32) -> (12, 16, 16), a lossless reshaping
+# (undone by DiffusionPolicy.decode) that makes every step about 3x cheaper on a CPU than the same
+# network at 32x32; the policy's "latents" are these 12x16x16 tensors.
+PIXEL_SHUFFLE = 2
 UNET_CONFIG: dict[str, Any] = {
-    "sample_size": IMAGE_SIZE,
-    "in_channels": 3,
-    "out_channels": 3,
+    "sample_size": IMAGE_SIZE // PIXEL_SHUFFLE,
+    "in_channels": 3 * PIXEL_SHUFFLE**2,
+    "out_channels": 3 * PIXEL_SHUFFLE**2,
     "layers_per_block": 1,
-    "block_out_channels": (32, 64, 64),
+    "block_out_channels": (64, 64, 96),
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     "cross_attention_dim": TEXT_DIM,
@@ -134,6 +138,10 @@ def save_components(folder: Path, comps: dict[str, Any], words: Iterable[str]) -
     comps["text_encoder"].save_pretrained(folder / "text_encoder", safe_serialization=True)
     write_tokenizer(folder / "tokenizer", words)
     comps["scheduler"].save_pretrained(folder / "scheduler")
+    from rlbench.policy import RLBENCH_MODEL_FILE
+
+    meta = {"pixel_shuffle": PIXEL_SHUFFLE, "default_prompts": "shapes-train"}
+    (folder / RLBENCH_MODEL_FILE).write_text(json.dumps(meta, indent=2))
     return folder
 
 
@@ -212,6 +220,7 @@ def pretrain(
         drop = rng.random(batch_size) < CFG_DROPOUT
         captions = ["" if d else c for c, d in zip(captions, drop)]
         x0 = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x0 = torch.nn.functional.pixel_unshuffle(x0, PIXEL_SHUFFLE)
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids.to(dev)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(dev)
