@@ -159,7 +159,7 @@ def check_inputs(images: Any, prompts: Any, metadata: Any) -> tuple[torch.Tensor
     if images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}.")
     if images.numel():
-        lo, hi = float(images.min()), float(images.max())
+        lo, hi = float(images.detach().min()), float(images.detach().max())
         if not (0.0 <= lo and hi <= 1.0):
             raise InputError(
                 f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; images in [-1, 1] map "
