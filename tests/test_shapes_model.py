@@ -65,3 +65,11 @@ def test_missing_shipped_weights_name_the_command(monkeypatch, tmp_path):
     monkeypatch.setattr(shapes_model, "shipped_weights", lambda: tmp_path / "absent")
     with pytest.raises(WeightsNotAvailable, match="rlbench shapes pretrain"):
         shapes_model.load_shapes_model()
+
+
+def test_tokenizer_files_are_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shapes_model.write_tokenizer(a, shapes_model.vocabulary())
+    shapes_model.write_tokenizer(b, list(reversed(shapes_model.vocabulary())))
+    for name in ("vocab.json", "merges.txt"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()

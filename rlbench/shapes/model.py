@@ -75,41 +75,68 @@ TEXT_CONFIG: dict[str, Any] = {
 # -- tokenizer ------------------------------------------------------------------------------------
 
 
+def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """BPE merges after which every word is a single symbol, learnt deterministically.
+
+    Classic BPE training (most frequent adjacent pair first) with ties broken by the pair itself,
+    so the same words always give the same merges and token ids (the ``tokenizers`` trainer breaks
+    ties by hash order, which changes from process to process). Symbols are CLIP's byte-to-unicode
+    characters with ``</w>`` on each word's last one.
+    """
+    from rlbench.testing import _bytes_to_unicode
+
+    b2u = _bytes_to_unicode()
+    seqs = []
+    for w in sorted({w.lower() for w in words}):
+        syms = [b2u[b] for b in w.encode("utf-8")]
+        seqs.append(syms[:-1] + [syms[-1] + "</w>"])
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for i, seq in enumerate(seqs):
+            out, j = [], 0
+            while j < len(seq):
+                if j + 1 < len(seq) and (seq[j], seq[j + 1]) == best:
+                    out.append(seq[j] + seq[j + 1])
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            seqs[i] = out
+
+
 def write_tokenizer(folder: Path, words: Iterable[str]) -> None:
     """A CLIP BPE tokenizer in which every world word is one token, with byte fallback.
 
-    Merges are learnt with the ``tokenizers`` BPE trainer on the word list (BPE training
-    guarantees each training word re-tokenises to a single symbol); the 256 byte symbols and
-    their end-of-word variants stay in the vocabulary so any text can be encoded.
+    The 256 byte symbols and their end-of-word variants stay in the vocabulary, so any text can be
+    encoded; merges (:func:`learn_merges`) make each world word one token. Deterministic.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    from rlbench.testing import _bytes_to_unicode, byte_level_vocab
+    from rlbench.testing import byte_level_vocab
 
-    words = sorted({w.lower() for w in words})
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
-        initial_alphabet=sorted(_bytes_to_unicode().values()), limit_alphabet=1000,
-    )
-    bpe.train_from_iterator(words, trainer)
-    model = json.loads(bpe.to_str())["model"]
+    merges = learn_merges(words)
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     vocab = {t: i for t, i in byte_level_vocab().items() if t not in (bos, eos)}
-    for token in sorted(model["vocab"], key=model["vocab"].get):
-        vocab.setdefault(token, len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     vocab[bos], vocab[eos] = len(vocab), len(vocab) + 1
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    vocab_text = json.dumps(vocab, ensure_ascii=False)
+    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
-    tok.save_pretrained(folder)
+    (folder / "vocab.json").write_text(vocab_text, encoding="utf-8")
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
+    CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS).save_pretrained(folder)
     # save_pretrained (transformers 5) writes tokenizer.json; keep vocab/merges for transformers 4.
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "vocab.json").write_text(vocab_text, encoding="utf-8")
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
 
 
 def new_components(words: Iterable[str], seed: int = 0) -> dict[str, Any]:
