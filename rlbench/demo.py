@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
 
     from rlbench.evaluate import evaluate, markdown_table
+    from rlbench.policy import quiet_hf
     from rlbench.testing import save_tiny_sd_pipeline
     from rlbench.training import train
 
+    quiet_hf()
     try:
         model = save_tiny_sd_pipeline(out / "tiny-sd-random")
         print(f"built a tiny random-weight SD pipeline in {model} (diffusers format, no download)")
