@@ -196,6 +196,23 @@ def rewards_info(name: str = typer.Argument(..., help="Reward name.")) -> None:
         typer.echo(f"{key:17s}{value if value not in ('', None) else '-'}")
 
 
+@rewards_app.command("download")
+@cli_errors
+def rewards_download(name: str = typer.Argument(..., help="Reward name.")) -> None:
+    """Fetch a reward's weights into the normal Hugging Face cache (needs network once; runs offline after)."""
+    from rlbench.hub import download, is_offline, specs_of
+    from rlbench.registry import REWARDS
+
+    specs = [s for s in specs_of(REWARDS.load(name)) if s.source != "rlbench"]
+    if not specs:
+        typer.echo(f"reward '{name}' has no weights to download (they ship with its package, or it needs none).")
+        return
+    if is_offline():
+        raise InputError("HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it (HF_HUB_OFFLINE=0) and rerun.")
+    download(specs, log=typer.echo)
+    typer.echo(f"reward '{name}': {len(specs)} weight source(s) cached; it now loads offline.")
+
+
 @rewards_app.command("score")
 @cli_errors
 def rewards_score(

@@ -32,11 +32,13 @@ from rlbench.errors import ConfigError, InputError, PluginLoadError, RewardContr
 class WeightsSpec:
     """Where a reward's weights come from: a hub id or URL, pinned where the source allows."""
 
-    source: str
-    filename: str | None = None
-    revision: str | None = None
-    sha256: str | None = None
+    source: str  # hub repo id ("org/name"), https URL, or "rlbench" (shipped in the package)
+    filename: str | None = None  # one file of the repo; None: the repo as a folder
+    revision: str | None = None  # pinned commit where the source has one
+    sha256: str | None = None  # checked for URL downloads (the hub checks its own LFS hashes)
     license: str | None = None
+    option: str = "weights"  # the reward's constructor option that overrides this source
+    allow_patterns: tuple[str, ...] = ()  # folder sources: only these files (e.g. no duplicate .bin weights)
 
     def __str__(self) -> str:
         s = self.source + (f"/{self.filename}" if self.filename else "")
@@ -70,7 +72,7 @@ class Reward:
     differentiable: ClassVar[bool] = False
     score_range: ClassVar[str] = ""  # e.g. "[0, inf) kB"
     paper: ClassVar[str] = ""
-    weights: ClassVar[WeightsSpec | None] = None
+    weights: ClassVar[WeightsSpec | tuple[WeightsSpec, ...] | None] = None  # see rlbench.hub
     extra: ClassVar[str | None] = None  # pip extra needed, e.g. "rlbench[vlm]"
 
     def score(
@@ -121,7 +123,9 @@ class RewardCard:
 def reward_card(reward: Any, name: str | None = None, origin: str = "local", target: str = "") -> RewardCard:
     """Read the card of any reward (class or instance, subclass of :class:`Reward` or not)."""
     inner = reward.reward if isinstance(reward, CheckedReward) else reward
-    weights = getattr(inner, "weights", None)
+    from rlbench.hub import specs_of
+
+    specs = specs_of(inner)
     doc = inspect.getdoc(inner if inspect.isclass(inner) else type(inner)) or ""
     return RewardCard(
         name=name or getattr(inner, "name", "") or getattr(inner, "__name__", type(inner).__name__),
@@ -132,8 +136,8 @@ def reward_card(reward: Any, name: str | None = None, origin: str = "local", tar
         differentiable=bool(getattr(inner, "differentiable", False)),
         score_range=getattr(inner, "score_range", "") or "",
         paper=getattr(inner, "paper", "") or "",
-        weights=str(weights) if weights else "none",
-        license=(getattr(weights, "license", None) or "") if weights else "",
+        weights=" + ".join(str(s) for s in specs) or "none",
+        license="; ".join(dict.fromkeys(s.license for s in specs if s.license)),
         extra=getattr(inner, "extra", None) or "",
         origin=origin,
         target=target,
