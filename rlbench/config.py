@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlbench.errors import ConfigError
+from rlbench.errors import ConfigError, RLBenchError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,6 +133,8 @@ class LoggingSection:
     num_samples: int = _f(16, "Images saved per logged epoch", "images")
     tensorboard: bool = _f(True, "Write TensorBoard events to <run>/tb (needs the tensorboard package)")
     wandb: bool = _f(False, "Also log to Weights & Biases (needs the wandb package)")
+    watch: list = _f([], "Rewards also scored on every epoch's samples, not trained on, logged as watch_mean/NAME "
+                         "(e.g. a gold reward beside its proxy: over-optimisation as it happens)")
 
 
 @dataclass
@@ -367,12 +369,42 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
 
 
+def model_presets(model: str) -> dict[str, Any]:
+    """Training defaults a model declares for itself (``{"section.key": value}``), applied under the user's.
+
+    A registered model's factory may carry a ``train_defaults`` dict (the shapes model sets a reward
+    that works offline and CPU-sized sampling); a model folder may hold them in ``rlbench.json`` under
+    ``"train_defaults"``. Hub ids have none. Shown by ``rlbench config --set model.name=NAME``.
+    """
+    import json
+
+    from rlbench.registry import MODELS
+
+    if not isinstance(model, str) or not model:
+        return {}
+    if model in MODELS:
+        try:
+            presets = getattr(MODELS.load(model), "train_defaults", None) or {}
+        except RLBenchError:
+            presets = {}  # a broken model plugin is reported when the run loads it
+    else:
+        meta = Path(model).expanduser() / "rlbench.json"
+        try:
+            presets = json.loads(meta.read_text()).get("train_defaults", {}) if meta.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{meta} is not valid JSON: {exc}") from exc
+    if not isinstance(presets, dict) or not all(isinstance(k, str) and "." in k for k in presets):
+        raise ConfigError(f"model '{model}' declares malformed train_defaults {presets!r}; expected "
+                          "{'section.key': value, ...}.")
+    return dict(presets)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, dict[str, Any]] | None = None,
 ) -> TrainConfig:
-    """Defaults <- TOML file <- ``--set`` overrides <- ``values`` (nested dict); validated.
+    """Defaults <- model presets <- TOML file <- ``--set`` overrides <- ``values`` (nested dict); validated.
 
     Args:
         path: a TOML file in the layout of ``config.toml``.
@@ -394,6 +426,10 @@ def load_config(
         for key, value in section.items():
             if value is not None:
                 data.setdefault(sname, {})[key] = value
+    model = data.get("model", {}).get("name", ModelSection.name)
+    for dotted, value in model_presets(model).items():  # lowest layer: anything the user set wins
+        sname, _, key = dotted.partition(".")
+        data.setdefault(sname, {}).setdefault(key, value)
     return TrainConfig.from_dict(data, source=source if not overrides else f"{source} + --set").validate()
 
 
@@ -422,5 +458,10 @@ def annotated_defaults() -> str:
             unit = f" [{f.metadata['unit']}]" if f.metadata.get("unit") else ""
             choices = f" (one of {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
             lines.append(f"{f.name} = {value}  # {f.metadata['help']}{unit}{choices}")
+        lines.append("")
+    presets = model_presets(ModelSection.name)
+    if presets:
+        lines.append(f"# Presets of the default model '{ModelSection.name}', applied under anything you set:")
+        lines += [f"#   {k} = {_inline(v)}" for k, v in presets.items()]
         lines.append("")
     return "\n".join(lines)

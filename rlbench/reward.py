@@ -254,15 +254,19 @@ def make_reward(name: str, **options: Any) -> CheckedReward:
     """Build the reward registered as ``name`` — the one front door for rewards (after ``gym.make``).
 
     Args:
-        name: a registered reward name (``rlbench rewards list``).
+        name: a registered reward name (``rlbench rewards list``), or a weighted combination
+            ``"a:1.0,b:0.5"`` (see :mod:`rlbench.multi_reward`).
         **options: constructor options of that reward (a weights path, a batch size, ...).
 
     Returns:
         A :class:`CheckedReward`: call it as ``reward(images, prompts, metadata)`` to get a
         :class:`RewardOutput` (which unpacks as ``scores, info``).
     """
+    from rlbench.multi_reward import is_combination, make_weighted_sum
     from rlbench.registry import REWARDS
 
+    if is_combination(name):  # "a:1.0,b:0.5": a weighted sum of registered rewards
+        return make_weighted_sum(name, options)
     entry = REWARDS.entry(name)
     factory = REWARDS.load(name)
     reward = construct_plugin(factory, options, kind="reward", name=name)

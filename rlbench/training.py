@@ -30,6 +30,18 @@ from rlbench.rundir import RunDir, atomic_write_text
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "trainer_state.json")
 
 
+def _chunks(prompts: list, metadata: list, n: int) -> tuple[list[list], list[list]]:
+    """Split an epoch's prompts and metadata back into its ``n`` equal sampling batches."""
+    size = len(prompts) // n
+    return ([prompts[i * size : (i + 1) * size] for i in range(n)],
+            [metadata[i * size : (i + 1) * size] for i in range(n)])
+
+
+def _slug(text: str) -> str:
+    """A reward spec as a folder-name part: ``a:1,b:0.5`` -> ``a1+b0.5``."""
+    return text.replace(":", "").replace(",", "+")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
@@ -100,6 +112,7 @@ def prepare(
     algorithm, notices = resolve_algorithm(cfg)
     cfg.validate()
     reward = make_reward(cfg.reward.name, **cfg.reward.options)
+    watch = {name: make_reward(name) for name in cfg.logging.watch}  # fail fast on a bad name
     if cfg.logging.wandb:
         try:
             import wandb  # noqa: F401
@@ -119,7 +132,7 @@ def prepare(
     if prompt_set is None:
         cfg.prompts.name = policy.default_prompts
         prompt_set = load_prompts(cfg.prompts.name)
-    trainer = Trainer(cfg, policy, reward, algorithm, prompt_set, log=log, progress=progress)
+    trainer = Trainer(cfg, policy, reward, algorithm, prompt_set, log=log, progress=progress, watch=watch)
     for notice in notices:
         trainer.info(notice)
     return trainer
@@ -128,12 +141,14 @@ def prepare(
 class Trainer:
     """One training run. Build with resolved parts; :meth:`run` does the epochs."""
 
-    def __init__(self, cfg: TrainConfig, policy, reward, algorithm, prompt_set, log=print, progress=False) -> None:
+    def __init__(self, cfg: TrainConfig, policy, reward, algorithm, prompt_set, log=print, progress=False,
+                 watch=None) -> None:
         from accelerate import Accelerator
 
         self.cfg = cfg
         self.policy = policy
         self.reward = reward
+        self.watch = dict(watch or {})
         self.algorithm = algorithm
         self.prompt_set = prompt_set
         self.log = log
@@ -186,7 +201,7 @@ class Trainer:
             run = RunDir.open(resume)
             start = run.latest_checkpoint() or 0
         else:
-            path = [self.cfg.run.out or f"runs/{self.cfg.algorithm.name}-{self.cfg.reward.name}-{_now()}"]
+            path = [self.cfg.run.out or f"runs/{self.cfg.algorithm.name}-{_slug(self.cfg.reward.name)}-{_now()}"]
             if self.world > 1:
                 broadcast_object_list(path)
             self.cfg.run.out = path[0]
@@ -246,10 +261,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return run.path
 
-    def _score(self, images, prompts, metadata) -> tuple[torch.Tensor, float]:
+    def _score(self, images, prompts, metadata) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
         t0 = time.perf_counter()
-        scores = self.reward(images, prompts, metadata).scores.detach().float().cpu()
-        return scores, time.perf_counter() - t0
+        out = self.reward(images, prompts, metadata)
+        components = {k: v.detach().float().cpu() for k, v in (out.info.get("components") or {}).items()}
+        return out.scores.detach().float().cpu(), time.perf_counter() - t0, components
 
     def epoch(self, run: RunDir, epoch: int) -> dict[str, Any]:
         cfg, policy = self.cfg, self.policy
@@ -323,6 +339,13 @@ class Trainer:
             "seconds_training": t_end - t_train,
             "optimizer_steps": ctx.steps,
         }
+        for name in results[0][2]:  # a combined reward: each component's mean beside the total
+            part = self.accelerator.gather(torch.cat([r[2][name] for r in results]).to(self.device))
+            record[f"reward_mean/{name}"] = float(part.float().mean())
+        for name, watched in self.watch.items():  # scored, not trained on: e.g. the gold beside a proxy
+            part = torch.cat([watched(ro.images, p, m).scores.detach().float()
+                              for ro, p, m in zip(rollouts, *_chunks(prompts_all, meta_all, len(rollouts)))])
+            record[f"watch_mean/{name}"] = float(self.accelerator.gather(part.to(self.device)).mean())
         record.update({k: v for k, v in metrics.items() if k not in record})
         if self.main:
             run.append_metrics(record)
@@ -332,6 +355,7 @@ class Trainer:
             self.info(
                 f"epoch {epoch + 1}/{cfg.run.epochs}  reward {record['reward_mean']:.4g} ± {record['reward_std']:.3g}  "
                 f"loss {record['loss']:.4g}" + (f"  kl {kl:.3g}" if kl is not None else "")
+                + "".join(f"  {k.split('/', 1)[1]} {v:.4g}" for k, v in record.items() if k.startswith("watch_mean/"))
                 + f"  {record['seconds']:.1f}s"
             )
         return record

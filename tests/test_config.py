@@ -29,8 +29,7 @@ def write(tmp_path, text: str, name: str = "cfg.toml"):
 
 
 def test_defaults_are_valid_and_match_reference_values() -> None:
-    cfg = load_config()
-    assert cfg == TrainConfig()
+    cfg = TrainConfig().validate()  # the dataclass defaults: the DDPO reference values
     assert (cfg.run.seed, cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale) == (42, 50, 1.0, 5.0)
     assert (cfg.reward.name, cfg.algorithm.name, cfg.model.name) == ("incompressibility", "ddpo-is", "shapes")
     assert cfg.samples_per_epoch == 32 and cfg.samples_per_update == 8 and cfg.updates_per_epoch == 4
@@ -52,7 +51,7 @@ learning_rate = 1e-5
     cfg = load_config(path)
     assert (cfg.run.epochs, cfg.run.seed, cfg.sample.batch_size, cfg.sample.eta) == (7, 1, 16, 0.5)
     assert cfg.train.learning_rate == 1e-5
-    assert cfg.sample.num_steps == 50  # untouched default
+    assert cfg.sample.num_steps == 20  # untouched: the shapes model's preset
 
     cfg = load_config(path, ["run.epochs=9", "sample.eta=0.25", "model.name=my-model"])
     assert (cfg.run.epochs, cfg.run.seed, cfg.sample.eta, cfg.model.name) == (9, 1, 0.25, "my-model")
@@ -213,3 +212,37 @@ def test_annotated_defaults_is_valid_toml_equal_to_the_defaults() -> None:
             assert f.metadata["help"] in text
     assert "# reward.KEY = ..." in text
     assert "(one of lora, full)" in text
+
+
+# -- model presets ------------------------------------------------------------------------------------
+
+
+def test_default_model_presets_apply_under_user_settings(tmp_path) -> None:
+    cfg = load_config()
+    assert cfg.model.name == "shapes"
+    assert cfg.reward.name == "shapes-gold" and cfg.sample.num_steps == 20  # offline, CPU-sized
+    user = load_config(None, ["sample.num_steps=7"], {"reward": {"name": "incompressibility"}})
+    assert user.reward.name == "incompressibility" and user.sample.num_steps == 7
+    assert user.sample.batch_size == 16  # the untouched preset still applies
+    toml = tmp_path / "c.toml"
+    toml.write_text('[reward]\nname = "shapes-clip"\n')
+    assert load_config(toml).reward.name == "shapes-clip"
+
+
+def test_models_without_presets_keep_the_paper_defaults() -> None:
+    cfg = load_config(None, ["model.name=sd-1.5"])
+    assert cfg.reward.name == "incompressibility" and cfg.sample.num_steps == 50 and cfg.run.epochs == 100
+
+
+def test_model_folder_presets_from_rlbench_json(tmp_path) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "rlbench.json").write_text('{"train_defaults": {"sample.num_steps": 12, "reward.name": "compressibility"}}')
+    cfg = load_config(None, [f"model.name={folder}"])
+    assert cfg.sample.num_steps == 12 and cfg.reward.name == "compressibility"
+    (folder / "rlbench.json").write_text('{"train_defaults": {"num_steps": 12}}')
+    with pytest.raises(ConfigError, match="malformed train_defaults"):
+        load_config(None, [f"model.name={folder}"])
+    (folder / "rlbench.json").write_text('{"train_defaults": {"sample.num_step": 12}}')
+    with pytest.raises(ConfigError, match="num_steps"):  # a typo in a preset is caught like a user's
+        load_config(None, [f"model.name={folder}"])

@@ -48,14 +48,20 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_cli_train_writes_run_directory(tiny, tmp_path):
     out = tmp_path / "run"
-    proc = _train("--algo", "ddpo-is", "--reward", "incompressibility", "--model", str(tiny), "--epochs", "2",
-                  "--out", str(out), *SMALL)
+    proc = _train("--algo", "ddpo-is", "--reward", "incompressibility:1,compressibility:0.25", "--model", str(tiny),
+                  "--epochs", "2", "--out", str(out), "--set", 'logging.watch=["compressibility"]', *SMALL)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     rows = _metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert {"samples", "reward_queries", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac"} <= set(rows[0])
     assert rows[1]["samples"] == 8 and rows[1]["reward_queries"] == 8
+    # A combined reward logs each component beside the weighted total.
+    for r in rows:
+        total = r["reward_mean/incompressibility"] + 0.25 * r["reward_mean/compressibility"]
+        assert r["reward_mean"] == pytest.approx(total, rel=1e-5)
+        # A watched reward is scored on the same samples without being trained on.
+        assert r["watch_mean/compressibility"] == pytest.approx(r["reward_mean/compressibility"], rel=1e-6)
     assert (out / "config.toml").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0001", "0002"]
     assert (out / "checkpoints" / "0002" / "pytorch_lora_weights.safetensors").is_file()

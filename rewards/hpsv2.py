@@ -1,0 +1,167 @@
+"""``hpsv2``: Human Preference Score v2 / v2.1 (Wu et al. 2023), an open_clip ViT-H-14 fine-tuned on HPD v2.
+
+Score of an image and its own prompt, as ``hpsv2.score`` computes it (tgxs002/HPSv2 ``hpsv2/img_score.py``)::
+
+    score = cos(image_features, text_features)      # raw cosine: no logit scale (the benchmark reports x100)
+
+* model: open_clip ``ViT-H-14`` built with ``open_clip.create_model(arch, pretrained=None)`` and the
+  HPS checkpoint (``xswu/HPSv2`` files ``HPS_v2.1_compressed.pt`` / ``HPS_v2_compressed.pt``,
+  ``hpsv2/utils.py`` ``hps_version_map``; a ``{'state_dict': ...}`` dict) loaded strictly;
+* text: open_clip's tokenizer of the architecture (CLIP BPE, context 77, end token kept on truncation);
+* images: HPSv2's ``preprocess_val`` (its open_clip fork ``transform.py image_transform``, eval):
+  ``ToTensor`` (uint8 / 255) -> ``Resize(224, BICUBIC)`` *on the tensor* -> ``CenterCrop(224)`` ->
+  ``Normalize(OPENAI mean/std)``. rlbench applies the same torchvision functions to the whole uint8-
+  quantised batch at once. The tensor resize antialiases (torchvision >= 0.17 default); torchvision
+  < 0.17 resized tensors without antialiasing, so numbers computed then differ slightly. The float
+  differentiable path (:func:`rlbench.preprocess.clip_pixels`) when ``images.requires_grad``.
+
+``version="v2.1"`` (default; as ``hpsv2.evaluate``) or ``"v2.0"`` (``hpsv2.score``'s default). Scores of
+the two versions are not comparable; within a version, only between images of the same prompt (HPSv2#9).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlbench import clip_models as cm
+from rlbench.errors import ConfigError, DependencyNotInstalled, WeightsNotAvailable
+from rlbench.hub import resolve
+from rlbench.preprocess import CLIP_MEAN, CLIP_SIZE, CLIP_STD, clip_pixels
+from rlbench.reward import Reward, WeightsSpec
+
+# hpsv2/utils.py hps_version_map
+HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt"}
+HPS_REPO = "xswu/HPSv2"
+DEFAULT_ARCH = "ViT-H-14"  # hpsv2/img_score.py initialize_model: create_model_and_transforms('ViT-H-14', ...)
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError as exc:  # a core dependency; only a broken install gets here
+        raise DependencyNotInstalled("the hpsv2 reward needs open_clip: pip install open_clip_torch") from exc
+    return open_clip
+
+
+def hps_pixels(images: torch.Tensor) -> torch.Tensor:
+    """HPSv2 ``preprocess_val`` on a batch: uint8 quantisation, then torchvision's tensor Resize(224,
+    bicubic, antialias), CenterCrop(224) (rounded offset) and Normalize(OpenAI CLIP mean/std)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    x = (images.detach().float().clamp(0, 1) * 255).round() / 255  # PIL image -> ToTensor
+    x = TF.resize(x, CLIP_SIZE, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    x = TF.center_crop(x, CLIP_SIZE)
+    return TF.normalize(x, CLIP_MEAN, CLIP_STD)
+
+
+def load_hps_model(path: Path, arch: str):
+    """``open_clip.create_model(arch, pretrained=None)`` with the checkpoint's state dict, strictly."""
+    open_clip = _open_clip()
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise WeightsNotAvailable(f"{path} is not an HPSv2 checkpoint (a dict with 'state_dict').")
+    previous = logging.root.manager.disable  # open_clip warns "initialized randomly" before we load the weights
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(arch, pretrained=None)
+    finally:
+        logging.disable(previous)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsNotAvailable(
+            f"{path} does not fit the open_clip architecture {arch!r} (HPSv2 checkpoints are ViT-H-14): {exc}"
+        ) from exc
+    return model
+
+
+class HPSv2(Reward):
+    """HPS v2.1 (or v2.0): raw cosine of image and prompt features of an open_clip ViT-H-14 fine-tuned on HPD v2.
+
+    Args:
+        weights: the HPS checkpoint (local ``.pt`` file, or a hub repo holding it); default
+            ``xswu/HPSv2`` file of ``version``.
+        version: ``"v2.1"`` (default) or ``"v2.0"``.
+        arch: the open_clip model config the checkpoint belongs to (default ``"ViT-H-14"``).
+        device: where the model runs; it moves there on the first call, never at construction.
+        dtype: model dtype, ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``; scores are float32.
+        batch_size: images (and distinct prompts) per forward.
+    """
+
+    name = "hpsv2"
+    version = "1"
+    summary = ("Human Preference Score v2.1 (v2.0 by option): raw cosine of image and prompt features of an "
+               "open_clip ViT-H-14 fine-tuned on human preference pairs (HPD v2).")
+    higher_is_better = True
+    deterministic = True
+    differentiable = True
+    score_range = ("[-1, 1] raw cosine; typical 0.23-0.29 (v2.0), up to ~0.33 (v2.1); benchmark tables report "
+                   "x100; comparable only between images of the same prompt and version")
+    paper = ("Wu et al. 2023, Human Preference Score v2: A Solid Benchmark for Evaluating Human Preferences of "
+             "Text-to-Image Synthesis, arXiv:2306.09341")
+    weights = WeightsSpec(source=HPS_REPO, filename=HPS_FILES["v2.1"], license="Apache-2.0", option="weights")
+
+    def __init__(self, weights: str | Path | None = None, version: str = "v2.1", arch: str = DEFAULT_ARCH,
+                 device: str = "cpu", dtype: str = "float32", batch_size: int = 32) -> None:
+        if version not in HPS_FILES:
+            raise ValueError(f"version must be one of {', '.join(HPS_FILES)}, got {version!r}")
+        open_clip = _open_clip()
+        if arch not in open_clip.list_models():
+            raise ConfigError(f"arch {arch!r} is not an open_clip model config (open_clip.list_models()); "
+                              f"HPSv2 checkpoints are {DEFAULT_ARCH!r}.")
+        self.hps_version, self.arch = version, arch
+        self.device = cm.parse_device(device)
+        self.dtype = cm.parse_dtype(dtype)
+        self.batch_size = cm.parse_batch_size(batch_size)
+        self.override = weights
+        self.spec = replace(type(self).weights, filename=HPS_FILES[version])
+        self.weights = cm.used_specs((self.spec,), {"weights": weights})[0]
+        self._model = self._tokenizer = None
+
+    def _resolve(self) -> Path:
+        try:
+            path = resolve(self.spec, reward=self.name, override=self.override)
+        except WeightsNotAvailable as exc:
+            if self.spec.filename == type(self).weights.filename:
+                raise
+            raise WeightsNotAvailable(
+                f"{exc} (`rlbench rewards download {self.name}` fetches the default {HPS_FILES['v2.1']}; for "
+                f"version {self.hps_version} fetch `hf download {HPS_REPO} {self.spec.filename}`.)"
+            ) from exc
+        if path.is_dir():  # a hub repo id given as override: its snapshot folder
+            path = path / self.spec.filename
+            if not path.is_file():
+                raise WeightsNotAvailable(f"weights={self.override!r} holds no {self.spec.filename}.")
+        return path
+
+    def _load(self):
+        if self._model is None:
+            model = load_hps_model(self._resolve(), self.arch)
+            self._model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+            self._tokenizer = _open_clip().get_tokenizer(self.arch)
+        return self._model, self._tokenizer
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+              ) -> torch.Tensor:
+        if images.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.float32, device=images.device)
+        model, tokenizer = self._load()
+        distinct, index = cm.unique_prompts(prompts)
+        with torch.no_grad():
+            txt = torch.cat([cm.unit(model.encode_text(tokenizer(distinct[s]).to(self.device)))
+                             for s in cm.chunks(len(distinct), self.batch_size)])[index.to(self.device)]
+        grad = cm.wants_grad(images)
+        img = []
+        with torch.set_grad_enabled(grad):
+            for s in cm.chunks(images.shape[0], self.batch_size):
+                x = clip_pixels(images[s]) if grad else hps_pixels(images[s])
+                img.append(cm.unit(model.encode_image(x.to(device=self.device, dtype=self.dtype))))
+        return cm.cosine(torch.cat(img), txt).to(images.device)
