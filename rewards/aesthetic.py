@@ -80,7 +80,7 @@ def _mlp_file(path: Path, option: str) -> Path:
 def load_mlp(path: Path, option: str = "weights") -> AestheticMLP:
     """Load ``sac+logos+ava1-l14-linearMSE.pth`` (a plain state dict) strictly into :class:`AestheticMLP`."""
     path = _mlp_file(Path(path), option)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = cm.load_tensors(path, option)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     mlp = AestheticMLP()

@@ -64,7 +64,7 @@ def hps_pixels(images: torch.Tensor) -> torch.Tensor:
 def load_hps_model(path: Path, arch: str):
     """``open_clip.create_model(arch, pretrained=None)`` with the checkpoint's state dict, strictly."""
     open_clip = _open_clip()
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = cm.load_tensors(path, "weights")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):
         raise WeightsNotAvailable(f"{path} is not an HPSv2 checkpoint (a dict with 'state_dict').")
@@ -78,7 +78,8 @@ def load_hps_model(path: Path, arch: str):
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsNotAvailable(
-            f"{path} does not fit the open_clip architecture {arch!r} (HPSv2 checkpoints are ViT-H-14): {exc}"
+            f"{path} does not fit the open_clip architecture {arch!r} (HPSv2 checkpoints are ViT-H-14): "
+            + " ".join(str(exc).split())
         ) from exc
     return model
 

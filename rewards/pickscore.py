@@ -54,8 +54,8 @@ class PickScore(Reward):
     higher_is_better = True
     deterministic = True
     differentiable = True
-    score_range = ("[-s, s] with s = logit_scale.exp() (~100); typical ~18-24, comparable only between images "
-                   "of the same prompt")
+    score_range = ("[-s, s] with s = logit_scale.exp() (CLIP caps it at 100); typical ~21-24 for SD3.5-class "
+                   "images, lower for weaker models; comparable only between images of the same prompt")
     paper = ("Kirstain et al. 2023, Pick-a-Pic: An Open Dataset of User Preferences for Text-to-Image "
              "Generation, arXiv:2305.01569")
     weights = (
@@ -77,10 +77,10 @@ class PickScore(Reward):
     def _load(self):
         if self._model is None:
             model_spec, proc_spec = type(self).weights
+            folder = resolve(model_spec, reward=self.name, override=self.overrides["weights"])
             proc = resolve(proc_spec, reward=self.name, override=self.overrides["processor"])
             pixels = cm.PixelSpec.from_folder(proc, "processor")
             tokenizer = cm.load_hf_tokenizer(proc, option="processor")
-            folder = resolve(model_spec, reward=self.name, override=self.overrides["weights"])
             self._model = cm.load_hf_clip(folder, option="weights", device=self.device, dtype=self.dtype)
             self._tokenizer, self._pixels = tokenizer, pixels
         return self._model, self._tokenizer, self._pixels

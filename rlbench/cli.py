@@ -198,12 +198,19 @@ def rewards_info(name: str = typer.Argument(..., help="Reward name.")) -> None:
 
 @rewards_app.command("download")
 @cli_errors
-def rewards_download(name: str = typer.Argument(..., help="Reward name.")) -> None:
+def rewards_download(
+    name: str = typer.Argument(..., help="Reward name."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", "--reward-opt",
+                                            help="Reward option KEY=VALUE, e.g. version=v2.0 (repeatable)."),
+) -> None:
     """Fetch a reward's weights into the normal Hugging Face cache (needs network once; runs offline after)."""
     from rlbench.hub import download, is_offline, specs_of
     from rlbench.registry import REWARDS
+    from rlbench.reward import make_reward
 
-    specs = [s for s in specs_of(REWARDS.load(name)) if s.source != "rlbench"]
+    # Options can change what is needed (hpsv2 version=v2.0); constructing a reward loads nothing.
+    target = make_reward(name, **_options(opt, "--opt")).reward if opt else REWARDS.load(name)
+    specs = [s for s in specs_of(target) if s.source != "rlbench"]
     if not specs:
         typer.echo(f"reward '{name}' has no weights to download (they ship with its package, or it needs none).")
         return
@@ -219,7 +226,7 @@ def rewards_score(
     name: str = typer.Argument(..., help="Reward name."),
     images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...), all the same size."),
     prompt: str = typer.Option("", "--prompt", help="The prompt the images were made for."),
-    opt: Optional[list[str]] = typer.Option(None, "--opt", help="Reward option KEY=VALUE (repeatable)."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", "--reward-opt", help="Reward option KEY=VALUE (repeatable)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per reward call."),
 ) -> None:
     """Score image files; prints one line per image: path<TAB>score."""
@@ -247,7 +254,7 @@ def rewards_score(
 @cli_errors
 def rewards_check(
     name: str = typer.Argument(..., help="Reward name."),
-    opt: Optional[list[str]] = typer.Option(None, "--opt", help="Reward option KEY=VALUE (repeatable)."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", "--reward-opt", help="Reward option KEY=VALUE (repeatable)."),
     image_size: int = typer.Option(64, "--image-size", min=8, help="Side of the random test images."),
 ) -> None:
     """Run check_reward on a registered reward (for plugin authors' CI)."""

@@ -8,9 +8,10 @@ are resolved by :func:`rlbench.hub.resolve` before anything is loaded.
 Two pre-processing paths (see :mod:`rlbench.preprocess`):
 
 * exact: :func:`~rlbench.preprocess.clip_pixels_exact` with ``hf=True`` — uint8 quantisation, PIL
-  bicubic resize, floor centre crop, CLIP normalisation. This is bit for bit the PIL image processor
-  of transformers (``CLIPImageProcessor`` of transformers 4, ``CLIPImageProcessorPil`` of 5) that the
-  published PickScore, ddpo-pytorch aesthetic and torchmetrics CLIPScore numbers were computed with.
+  bicubic resize, floor centre crop, CLIP normalisation: the arithmetic of transformers' PIL image
+  processor (``CLIPImageProcessor`` of transformers 4, ``CLIPImageProcessorPil`` of 5; equal to the
+  last bit in rlbench's tests), which the published PickScore, ddpo-pytorch aesthetic and torchmetrics
+  CLIPScore numbers were computed with.
   transformers 5's default torchvision backend of the same processor resizes differently (up to
   ~2/255 per pixel); rlbench keeps the PIL arithmetic so scores do not depend on the installed version.
 * differentiable: :func:`~rlbench.preprocess.clip_pixels` (float antialiased bicubic, same crop and
@@ -20,6 +21,7 @@ Two pre-processing paths (see :mod:`rlbench.preprocess`):
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,7 +61,8 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 def parse_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, float)) or batch_size != int(batch_size) \
+            or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     return int(batch_size)
 
@@ -177,6 +180,18 @@ class PixelSpec:
 # -- transformers CLIP ------------------------------------------------------------------------------
 
 
+def load_tensors(path: Path, option: str) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors and plain containers only
+    (never arbitrary pickled objects); an unreadable file names the option that replaces it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise WeightsNotAvailable(
+            f"{path} cannot be read as a weights file (torch.load with weights_only=True): {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}. Pass a good copy via {option}=PATH."
+        ) from exc
+
+
 def has_hf_weights(folder: Path) -> bool:
     folder = Path(folder)
     return (folder / "config.json").is_file() and any(
@@ -257,7 +272,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "DTYPES", "HF_CLIP_FILES", "PixelSpec", "chunks", "cosine", "features", "image_features", "load_hf_clip", "load_hf_tokenizer",
-    "parse_batch_size", "parse_device", "parse_dtype", "text_features", "unique_prompts", "unit", "used_specs",
-    "wants_grad",
+    "DTYPES", "HF_CLIP_FILES", "PixelSpec", "chunks", "cosine", "features", "image_features", "load_hf_clip",
+    "load_hf_tokenizer", "load_tensors", "parse_batch_size", "parse_device", "parse_dtype", "text_features",
+    "unique_prompts", "unit", "used_specs", "wants_grad",
 ]

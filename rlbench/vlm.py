@@ -309,7 +309,10 @@ class EndpointDescriber:
             try:
                 return self._post(body)
             except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode("utf-8", "replace") if exc.fp is not None else ""
+                try:
+                    detail = exc.read()[:300].decode("utf-8", "replace") if exc.fp is not None else ""
+                except (OSError, http.client.HTTPException):
+                    detail = ""
                 last = f"HTTP {exc.code} {exc.reason}: {detail}".strip()
                 if exc.code not in RETRY_STATUS:
                     raise VLMEndpointError(f"the VLM endpoint {self.url} refused the request: {last}") from None
@@ -329,5 +332,77 @@ class EndpointDescriber:
         jpegs = [jpeg_bytes(a, self.jpeg_quality) for a in to_uint8_hwc(images)]
         if not jpegs:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jpegs))) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(jpegs)))
+        try:
             return list(pool.map(lambda j: self.ask(j, question), jpegs))
+        finally:  # on a failure, requests not yet started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- a tiny random LLaVA, for tests, benchmarks and plugin CI ---------------------------------------
+
+TINY_LLAVA_WORDS = ("<pad> <s> </s> <unk> USER: ASSISTANT: answer concisely : what is going on in this image ? "
+                    "the a an image contains shows red blue green yellow circle square triangle cat dog bike "
+                    "two three left right of above below on background and").split()
+# The chat template of llava-hf/llava-1.5-7b-hf, reduced to what a single user turn needs:
+# "USER: <image>\n{question} ASSISTANT:".
+TINY_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def write_tiny_llava(folder: str | os.PathLike, seed: int = 0, image_size: int = 16, patch_size: int = 8) -> Path:
+    """Save a randomly initialised, tiny ``LlavaForConditionalGeneration`` with its ``LlavaProcessor``.
+
+    The real classes (CLIP vision tower, Llama language model, CLIPImageProcessor, a word-level fast
+    tokenizer with the ``<image>`` token, LLaVA-1.5's chat template) in the on-disk layout of
+    ``llava-hf`` repositories, a few hundred kB: loadable with ``AutoProcessor`` /
+    ``AutoModelForImageTextToText`` like ``llava-hf/llava-1.5-7b-hf``. Its answers are gibberish, but
+    deterministic.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    from rlbench.bertscore import quiet_hf
+
+    folder = Path(folder)
+    words = list(dict.fromkeys(TINY_LLAVA_WORDS))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", chat_template=TINY_LLAVA_TEMPLATE,
+                               num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size, projection_dim=16)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+    with quiet_hf():
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder

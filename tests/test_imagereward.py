@@ -125,7 +125,8 @@ class BertEmbeddings(nn.Module):  # BLIP med.py: word + absolute position embedd
         self.register_buffer("position_ids", torch.arange(c["max_position_embeddings"]).expand((1, -1)))
 
     def forward(self, ids):
-        return self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(self.position_ids[:, : ids.shape[1]]))
+        positions = self.position_ids[:, : ids.shape[1]]
+        return self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(positions))
 
 
 class BertSelfAttention(nn.Module):
@@ -378,6 +379,18 @@ def test_prompts_truncate_at_35_tokens(tiny) -> None:
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_numerics_settings_of_the_port(tiny) -> None:
+    """What a tiny random model may not resolve: LayerNorm eps (vit.py 1e-6, med_config 1e-12), erf GELU."""
+    model = make(tiny)._load()[0]
+    assert {m.eps for m in model.vision.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
+    assert {m.eps for m in model.text.modules() if isinstance(m, nn.LayerNorm)} == {1e-12}
+    x = torch.linspace(-4, 4, 101)
+    for act in (model.vision.encoder.layers[0].mlp.activation_fn,
+                model.text.encoder.layer[0].intermediate.intermediate_act_fn):
+        torch.testing.assert_close(act(x), F.gelu(x), atol=0, rtol=0)  # nn.GELU() / "gelu": exact erf form
+    assert model.head[0].weight.dtype == torch.float32 and not model.training
+
+
 def test_blip_special_tokens_are_added(tiny) -> None:
     tok = make(tiny)._load()[1]
     assert len(tok) == len(VOCAB) + 2
@@ -502,7 +515,8 @@ def _template_of(key: str) -> str:
 
 def test_default_config_is_imagereward_v1_and_matches_the_checkpoint_size() -> None:
     cfg = BlipRewardConfig()
-    assert (cfg.image_size, cfg.patch_size, cfg.vision_hidden, cfg.vision_layers, cfg.vision_heads) == (224, 16, 1024, 24, 16)
+    vision = (cfg.image_size, cfg.patch_size, cfg.vision_hidden, cfg.vision_layers, cfg.vision_heads)
+    assert vision == (224, 16, 1024, 24, 16) and cfg.vision_intermediate == 4096
     assert (cfg.text_hidden, cfg.text_layers, cfg.text_heads, cfg.text_intermediate) == (768, 12, 12, 3072)
     assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.vision_eps, cfg.text_eps) == (30524, 512, 1e-6, 1e-12)
     with torch.device("meta"):
@@ -526,7 +540,8 @@ def test_round_trip_and_strictness(tiny) -> None:
     assert torch.equal(convert_official_state_dict(no_pos, model)["text.embeddings.position_ids"],
                        torch.arange(TINY["max_position_embeddings"]).expand(1, -1))
     with pytest.raises(WeightsNotAvailable, match="missing keys: vision.encoder.layers.1.self_attn.qkv.weight"):
-        convert_official_state_dict({k: v for k, v in state.items() if k != "blip.visual_encoder.blocks.1.attn.qkv.weight"}, model)
+        gone = "blip.visual_encoder.blocks.1.attn.qkv.weight"
+        convert_official_state_dict({k: v for k, v in state.items() if k != gone}, model)
     with pytest.raises(WeightsNotAvailable, match="unexpected keys: blip.itm_head.weight"):
         convert_official_state_dict({**state, "blip.itm_head.weight": torch.zeros(2, 32)}, model)
     with pytest.raises(WeightsNotAvailable, match="unexpected keys: module.mlp.layers.0.weight"):

@@ -14,6 +14,7 @@ from zoo_fixtures import (
     block_network,
     empty_hf_cache,
     pil_image_processor,
+    single_thread,  # noqa: F401 - autouse fixture
     smooth_images,
     tiny_hf_clip,
     write_clip_tokenizer,
@@ -23,6 +24,7 @@ from zoo_fixtures import (
 from rlbench.checker import check_reward
 from rlbench.clip_models import PixelSpec
 from rlbench.errors import ConfigError, WeightsNotAvailable
+from rlbench.preprocess import clip_pixels_exact
 from rlbench.reward import make_reward
 from rlbench.rewards.pickscore import PickScore
 
@@ -147,6 +149,7 @@ def test_exact_pixels_are_the_pil_processors(folders) -> None:
     expected = pil(images=uint8, return_tensors="pt")["pixel_values"]
     assert expected.shape == (3, 3, 224, 224)
     torch.testing.assert_close(spec.exact(images), expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(clip_pixels_exact(images, hf=False), expected)  # the test sees the crop offset
     # the differentiable float path differs by resampling only
     assert float((spec.differentiable(images) - expected).abs().mean()) < 0.02
 
@@ -223,14 +226,14 @@ def test_missing_weights_name_the_download_command(tmp_path, monkeypatch) -> Non
     r = make_reward("pickscore")  # constructs offline
     with pytest.raises(WeightsNotAvailable, match=r"rlbench rewards download pickscore") as info:
         r(smooth_images(1, 32), ["a cat"])
-    assert "--reward-opt processor=PATH" in str(info.value) or "--reward-opt weights=PATH" in str(info.value)
+    assert "yuvalkirstain/PickScore_v1" in str(info.value) and "--reward-opt weights=PATH" in str(info.value)
     assert attempts == []
 
 
-def test_missing_model_with_local_processor_names_the_weights_option(tmp_path, monkeypatch, folders) -> None:
+def test_missing_processor_names_its_option(tmp_path, monkeypatch, folders) -> None:
     empty_hf_cache(monkeypatch, tmp_path)
-    with pytest.raises(WeightsNotAvailable, match=r"--reward-opt weights=PATH"):
-        PickScore(processor=folders["processor"])(smooth_images(1, 32), ["a cat"])
+    with pytest.raises(WeightsNotAvailable, match=r"laion/CLIP-ViT-H-14-laion2B-s32B-b79K.*--reward-opt processor=PATH"):
+        PickScore(weights=folders["weights"])(smooth_images(1, 32), ["a cat"])
 
 
 def test_bin_fallback_loads_the_same_model(tmp_path, folders, reward) -> None:
