@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import time
 
 import numpy as np
 import torch
 from PIL import Image
 
 import rlbench
+from rlbench.benchmarks.timing import best_of
 
 
 def reference_jpeg_kb(images: torch.Tensor) -> np.ndarray:
@@ -38,15 +38,6 @@ def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return (img + 0.03 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
-def timeit(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=256)
@@ -56,11 +47,11 @@ def main() -> None:
     images = smooth_images(args.n, args.size)
     prompts = ["a photo"] * args.n
     print(f"{args.n} images of {args.size}x{args.size}, torch threads {torch.get_num_threads()}")
-    ref_s = timeit(lambda: reference_jpeg_kb(images))
+    ref_s = best_of(lambda: reference_jpeg_kb(images))
     print(f"{'ddpo-pytorch jpeg loop':28s} {ref_s:7.3f} s  {args.n / ref_s:8.1f} img/s")
     for name in args.rewards.split(","):
         reward = rlbench.make_reward(name)
-        s = timeit(lambda: reward(images, prompts))
+        s = best_of(lambda: reward(images, prompts))
         scores = reward(images, prompts).scores.numpy()
         line = f"{name:28s} {s:7.3f} s  {args.n / s:8.1f} img/s"
         if name in ("incompressibility", "compressibility"):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from rlbench.benchmarks.timing import best_of
 from rlbench.blip_reward import BlipRewardConfig, ImageRewardModel, model_to_official_state_dict
 from rlbench.rewards.imagereward import ImageReward
 
@@ -40,15 +40,6 @@ def build(folder: Path, config: dict) -> dict:
     (folder / "tokenizer").mkdir()
     (folder / "tokenizer" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     return config
-
-
-def best_of(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -20,19 +20,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
-
-def best_time(fn, repeat: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from rlbench.benchmarks.timing import best_of
 
 
 def report(label: str, n: int, batched_s: float, loop_s: float) -> None:
@@ -63,28 +55,28 @@ def main() -> None:
     reward = ShapesVLMBERTScore(batch_size=bs)
     reward.scorer.cache_size = 0  # encode every sentence on both paths
     reward(images[:2], prompts[:2])  # load both models, build the caption bank
-    batched = best_time(lambda: reward(images, prompts))
-    loop = best_time(lambda: [reward(images[i : i + 1], prompts[i : i + 1]) for i in range(n)])
+    batched = best_of(lambda: reward(images, prompts))
+    loop = best_of(lambda: [reward(images[i : i + 1], prompts[i : i + 1]) for i in range(n)])
     report("shapes-vlm-bertscore", n, batched, loop)
     warm = ShapesVLMBERTScore(batch_size=bs)  # default: LRU cache of token states on
     warm(images, prompts)
-    batched = best_time(lambda: warm(images, prompts))
-    loop = best_time(lambda: [warm(images[i : i + 1], prompts[i : i + 1]) for i in range(n)])
+    batched = best_of(lambda: warm(images, prompts))
+    loop = best_of(lambda: [warm(images[i : i + 1], prompts[i : i + 1]) for i in range(n)])
     report("shapes-vlm-bertscore, warm cache", n, batched, loop)
 
     answers = reward(images, prompts).info["answers"]
     references = [f"The image contains {p}" for p in prompts]
     scorer = BERTScorer(batch_size=bs, cache_size=0)
     scorer.recall(answers[:1], references[:1])
-    batched = best_time(lambda: scorer.recall(answers, references))
-    loop = best_time(lambda: [scorer.recall(answers[i : i + 1], references[i : i + 1]) for i in range(n)])
+    batched = best_of(lambda: scorer.recall(answers, references))
+    loop = best_of(lambda: [scorer.recall(answers[i : i + 1], references[i : i + 1]) for i in range(n)])
     report("BERTScore step (MiniLM, recall)", n, batched, loop)
 
     with tempfile.TemporaryDirectory() as tmp:
         describer = TransformersDescriber(write_tiny_llava(tmp), max_new_tokens=16, batch_size=bs)
         describer.describe(images[:1], QUESTION)
-        batched = best_time(lambda: describer.describe(images, QUESTION))
-        loop = best_time(lambda: [describer.describe(images[i : i + 1], QUESTION) for i in range(n)])
+        batched = best_of(lambda: describer.describe(images, QUESTION))
+        loop = best_of(lambda: [describer.describe(images[i : i + 1], QUESTION) for i in range(n)])
         report("tiny-LLaVA describer (16 tokens)", n, batched, loop)
 
     if args.agreement:

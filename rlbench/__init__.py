@@ -38,6 +38,8 @@ _EXPORTS = {
     "train": "rlbench.training",
     "evaluate": "rlbench.evaluate",
     "ddim_step_with_logprob": "rlbench.diffusion.ddim",
+    "load_policy": "rlbench.policy",
+    "load_trained_policy": "rlbench.policy",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

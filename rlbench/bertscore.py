@@ -42,7 +42,6 @@ Encoders:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import weakref
@@ -53,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from rlbench.hf_quiet import no_progress_bars
 from rlbench.errors import ConfigError
 from rlbench.hub import resolve
 from rlbench.reward import WeightsSpec
@@ -110,20 +110,6 @@ def spec_for(model: str | os.PathLike | None, option: str = "bertscore_model") -
 def layers_for(model: str | os.PathLike | None) -> int | None:
     """Default layer of a known encoder (None: the encoder's last layer)."""
     return KNOWN_LAYERS[MINILM] if model is None else KNOWN_LAYERS.get(str(model))
-
-
-@contextlib.contextmanager
-def quiet_hf():
-    """No transformers progress bars (loading weights) inside the block."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 @dataclass
@@ -233,7 +219,7 @@ class BERTScorer:
     def _load_encoder(self, path: Path) -> _Encoder:
         from transformers import AutoModel, AutoTokenizer
 
-        with quiet_hf():
+        with no_progress_bars():
             tokenizer = AutoTokenizer.from_pretrained(str(path))
             model = AutoModel.from_pretrained(str(path), dtype=self.dtype)
         total = getattr(model.config, "num_hidden_layers", None)

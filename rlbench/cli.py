@@ -353,13 +353,22 @@ def shapes_quality(
     steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps."),
     guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance weight."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    run: Optional[Path] = typer.Option(None, "--run", help="A training run: measure its trained policy instead."),
+    checkpoint: Optional[int] = typer.Option(None, "--checkpoint", help="Checkpoint of --run (default: latest)."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated prompt splits (default: all)."),
 ) -> None:
-    """Gold score of samples against their own prompts (matching) and others' (mismatched), per split."""
+    """Gold score of samples against their own prompts (matching) and others' (mismatched), per split.
+
+    The same seed gives the same prompts and the same initial noise for any model or run, so a run
+    compared with its base model (same --seed) is a paired before/after measurement.
+    """
     from rlbench.evaluate import markdown_table
-    from rlbench.policy import load_policy
+    from rlbench.policy import load_policy, load_trained_policy
     from rlbench.shapes.quality import quality_table
 
-    table = quality_table(load_policy(model), n=n, num_steps=steps, guidance_scale=guidance, seed=seed)
+    policy = load_trained_policy(run, checkpoint) if run is not None else load_policy(model)
+    names = [x.strip() for x in splits.split(",") if x.strip()] if splits else None
+    table = quality_table(policy, names, n=n, num_steps=steps, guidance_scale=guidance, seed=seed)
     typer.echo(markdown_table(table), nl=False)
 
 

@@ -371,6 +371,24 @@ def load_policy(name: str, revision: str = "") -> DiffusionPolicy:
     )
 
 
+def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None) -> DiffusionPolicy:
+    """The policy of a run at checkpoint ``checkpoint`` (default: the latest): base model + trained weights."""
+    from rlbench.config import load_config
+    from rlbench.rundir import RunDir
+
+    run = RunDir.open(run_dir)
+    epochs = run.checkpoint_epochs()
+    if checkpoint is None:
+        checkpoint = epochs[-1] if epochs else None
+    if checkpoint is None or checkpoint not in epochs:
+        raise ConfigError(f"run {run.path} has no checkpoint {checkpoint}; it has {epochs or 'none'}.")
+    cfg = load_config(run.config_path)
+    policy = load_policy(cfg.model.name, cfg.model.revision)
+    policy.setup_training(cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
+    policy.load_state(run.checkpoint_dir(checkpoint))
+    return policy
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))

@@ -153,11 +153,11 @@ class TransformersDescriber:
         if self._model is None:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            from rlbench.bertscore import quiet_hf
+            from rlbench.hf_quiet import no_progress_bars
 
             path: Path = resolve(vlm_spec(self.model_name, self.option), reward=self.reward,
                                  override=self.model_name)
-            with quiet_hf():
+            with no_progress_bars():
                 processor = AutoProcessor.from_pretrained(str(path))
                 model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=self.dtype)
             tokenizer = getattr(processor, "tokenizer", None)
@@ -374,7 +374,7 @@ def write_tiny_llava(folder: str | os.PathLike, seed: int = 0, image_size: int =
         PreTrainedTokenizerFast,
     )
 
-    from rlbench.bertscore import quiet_hf
+    from rlbench.hf_quiet import no_progress_bars
 
     folder = Path(folder)
     words = list(dict.fromkeys(TINY_LLAVA_WORDS))
@@ -402,7 +402,7 @@ def write_tiny_llava(folder: str | os.PathLike, seed: int = 0, image_size: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).eval()
-    with quiet_hf():
+    with no_progress_bars():
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
     return folder

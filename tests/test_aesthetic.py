@@ -10,7 +10,6 @@ from zoo_fixtures import (
     block_network,
     empty_hf_cache,
     pil_image_processor,
-    single_thread,  # noqa: F401 - autouse fixture
     smooth_images,
     tiny_hf_clip,
 )
@@ -22,6 +21,8 @@ from rlbench.reward import make_reward
 from rlbench.rewards.aesthetic import MLP_SHA256, Aesthetic, AestheticMLP, load_mlp
 
 PROMPTS = ["a photo of a cat", "", "a " + "very long " * 100 + "prompt", "x"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from zoo_fixtures import (
     block_network,
     empty_hf_cache,
     pil_image_processor,
-    single_thread,  # noqa: F401 - autouse fixture
     smooth_images,
     tiny_hf_clip,
 )
@@ -24,6 +23,8 @@ from rlbench.rewards.clipscore import CLIPScore
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "a " + "very long " * 100 + "prompt",
            "a photo of a cat", "an oil painting of a lighthouse at dusk", "x", "the word 'hello' in neon",
            "a bowl of soup"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from zoo_fixtures import (
     TINY_OPEN_CLIP_NAME,
     block_network,
     empty_hf_cache,
-    single_thread,  # noqa: F401 - autouse fixture
     smooth_images,
     tiny_hps_checkpoint,
 )
@@ -22,6 +21,8 @@ from rlbench.rewards.hpsv2 import HPS_FILES, HPSv2, hps_pixels
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "a " + "very long " * 100 + "prompt",
            "a photo of a cat", "an oil painting of a lighthouse at dusk"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

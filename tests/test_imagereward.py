@@ -47,6 +47,8 @@ TINY = dict(image_size=32, patch_size=16, vision_hidden=32, vision_layers=2, vis
             text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64, vocab_size=len(VOCAB) + 2,
             max_position_embeddings=40, projection_dim=16)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # -- an independent re-implementation of the ORIGINAL modules (official names = official keys) ----------
 
@@ -276,15 +278,6 @@ def blip_tokenizer(folder):
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tok
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded machine they cost ~100x (thread waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

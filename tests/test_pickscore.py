@@ -14,7 +14,6 @@ from zoo_fixtures import (
     block_network,
     empty_hf_cache,
     pil_image_processor,
-    single_thread,  # noqa: F401 - autouse fixture
     smooth_images,
     tiny_hf_clip,
     write_clip_tokenizer,
@@ -30,6 +29,8 @@ from rlbench.rewards.pickscore import PickScore
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "a " + "very long " * 100 + "prompt",
            "a photo of a cat", "an oil painting of a lighthouse at dusk"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -73,3 +73,49 @@ def test_tokenizer_files_are_deterministic(tmp_path):
     shapes_model.write_tokenizer(b, list(reversed(shapes_model.vocabulary())))
     for name in ("vocab.json", "merges.txt"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+# -- the shipped model --------------------------------------------------------------------------------
+
+
+def test_shipped_model_loads_offline_and_follows_prompts():
+    """A quick gold check: samples match their own prompts' colours far more often than others'."""
+    from rlbench import load_policy
+    from rlbench.shapes.analyser import gold_scores
+    from rlbench.shapes.quality import sample_images
+
+    policy = load_policy("shapes")
+    assert policy.name == "shapes" and policy.default_prompts == "shapes-train"
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 4
+    images = sample_images(policy, prompts, num_steps=10, seed=0)
+    own = gold_scores(images, prompts).mean()
+    other = gold_scores(images, prompts[1:] + prompts[:1]).mean()
+    assert own > other + 0.25, (own, other)
+
+
+def test_shipped_weights_fit_the_size_budget_and_are_safetensors():
+    folder = shapes_model.shipped_weights()
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20e6
+    assert not [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
+    meta = json.loads((folder / "pretrain.json").read_text())
+    assert meta["batch_size"] > 0 and meta["steps"] > 0
+
+
+def test_default_train_then_quality_of_the_run(tmp_path):
+    """`rlbench train` with (almost) no options uses the shapes model and its presets; `shapes quality
+    --run` measures the trained policy."""
+    from helpers import run_cli
+
+    out = tmp_path / "run"
+    small = ["--set", "sample.num_steps=3", "--set", "sample.batch_size=4", "--set", "sample.num_batches_per_epoch=1",
+             "--set", "train.batch_size=4", "--set", "logging.tensorboard=false"]
+    proc = run_cli(["train", "--epochs", "1", "--out", str(out), *small])
+    assert proc.returncode == 0, proc.stderr
+    config = (out / "config.toml").read_text()
+    assert 'name = "shapes"' in config and 'name = "shapes-gold"' in config and 'name = "shapes-train"' in config
+    proc = run_cli(["shapes", "quality", "--run", str(out), "--n", "4", "--steps", "2", "--splits", "heldout-counts"])
+    assert proc.returncode == 0, proc.stderr
+    assert "| heldout-counts | all | 4 |" in proc.stdout
+    bad = run_cli(["shapes", "quality", "--run", str(out), "--splits", "heldout-colours"])
+    assert bad.returncode == 2 and "unknown shapes split" in bad.stderr

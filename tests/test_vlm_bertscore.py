@@ -32,13 +32,7 @@ PROMPTS = ["a cat riding a bike", "two red circles left of a blue square", "a do
            "three green triangles"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models and short sentences: one intra-op thread is as fast, and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

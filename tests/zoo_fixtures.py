@@ -195,12 +195,3 @@ def pil_image_processor(folder):
         from transformers import CLIPImageProcessor as cls
     return cls.from_pretrained(str(folder))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models on a shared CPU: one intra-op thread is many times faster than contended threads.
-    Autouse in every module that imports it; the previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -44,9 +44,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+
 import torch
 import torch.nn as nn
 
+from rlbench.stats import spearman  # noqa: F401 - re-exported for the proxies' tests
 from rlbench.shapes.analyser import Parsed, analyse_batch
 from rlbench.shapes.vocab import IMAGE_SIZE, PALETTE
 
@@ -166,25 +168,6 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Aesthe
 
 
 # -- evaluation -------------------------------------------------------------------------------------
-
-
-def _ranks(a: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 of ``a``, ties given their average rank."""
-    a = np.asarray(a, dtype=np.float64)
-    order = np.argsort(a, kind="mergesort")
-    sorted_a = a[order]
-    starts = np.flatnonzero(np.r_[True, sorted_a[1:] != sorted_a[:-1]])
-    ends = np.r_[starts[1:], len(a)]
-    avg = (starts + ends - 1) / 2.0
-    ranks = np.empty(len(a))
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation of two 1-D arrays (average ranks for ties)."""
-    ra, rb = _ranks(a), _ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 @torch.no_grad()

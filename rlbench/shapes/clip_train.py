@@ -45,7 +45,6 @@ when needed (no uint8 quantisation, so the score stays differentiable), then map
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform
@@ -55,9 +54,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 import torch
 import torch.nn.functional as F
 
+from rlbench.hf_quiet import no_progress_bars
+from rlbench.stats import spearman  # noqa: F401 - re-exported for the proxies' tests
 from rlbench.shapes.model import MAX_TOKENS, vocabulary, write_tokenizer
 from rlbench.shapes.vocab import IMAGE_SIZE
 
@@ -114,25 +116,11 @@ def new_clip(tokenizer, seed: int = 0):
     return model
 
 
-@contextlib.contextmanager
-def _quiet_hf():
-    """No transformers progress bars (loading / writing weights) inside the block."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def load_clip(folder: str | Path):
     """(model, tokenizer) of a saved shapes-clip folder; the model in eval mode, frozen, on CPU."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    with _quiet_hf():
+    with no_progress_bars():
         model = CLIPModel.from_pretrained(str(folder))
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
     model.eval().requires_grad_(False)
@@ -299,7 +287,7 @@ def train_clip(
             running = 0.0
     train_seconds = time.perf_counter() - t_train
     model.eval().requires_grad_(False)
-    with _quiet_hf():
+    with no_progress_bars():
         model.save_pretrained(out, safe_serialization=True)
     metrics: dict[str, Any] = {
         "reward": "shapes-clip",
@@ -354,15 +342,6 @@ class ClipScorer:
         where = {p: k for k, p in enumerate(distinct)}
         cos = (img * txt[[where[p] for p in prompts]]).sum(-1)
         return (self.model.logit_scale.exp() * cos).numpy()
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties), without scipy."""
-    import pandas as pd
-
-    ra = pd.Series(np.asarray(a, dtype=np.float64)).rank(method="average").to_numpy()
-    rb = pd.Series(np.asarray(b, dtype=np.float64)).rank(method="average").to_numpy()
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def prompt_pool(split: str) -> list[str]:

@@ -35,7 +35,12 @@ def quality_table(policy, splits: Sequence[str] | None = None, n: int = 256, *, 
     from rlbench.shapes.analyser import gold_scores
     from rlbench.shapes.grammar import parse_caption, split_prompts
 
+    from rlbench.errors import ConfigError
+
     all_splits = split_prompts()
+    unknown = [s for s in splits or [] if s not in all_splits]
+    if unknown:
+        raise ConfigError(f"unknown shapes split(s) {unknown}; choose from {', '.join(all_splits)}.")
     rows = []
     for split in splits or list(all_splits):
         pool = all_splits[split]
