@@ -37,9 +37,9 @@ orig_score = trainer._score
 
 
 def spy(images, prompts, metadata):
-    scores, seconds = orig_score(images, prompts, metadata)
-    rewards.extend(scores.tolist())
-    return scores, seconds
+    out = orig_score(images, prompts, metadata)  # (scores, seconds, components)
+    rewards.extend(out[0].tolist())
+    return out
 
 
 trainer._score = spy

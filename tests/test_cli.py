@@ -144,7 +144,7 @@ def test_config_resolves_set_and_file(runner, tmp_path) -> None:
     out = ok(runner.invoke(app, ["config", "--set", "sample.batch_size=16", "--set", "reward.num_workers=2"]))
     data = tomllib.loads(out)
     assert data["sample"]["batch_size"] == 16
-    assert data["reward"] == {"name": "shapes-gold", "num_workers": 2}  # the shapes model's preset reward
+    assert data["reward"] == {"name": "shapes-clip", "num_workers": 2}  # the shapes model's preset reward
     f = tmp_path / "c.toml"
     f.write_text("[run]\nepochs = 3\n")
     data = tomllib.loads(ok(runner.invoke(app, ["config", "--config", str(f), "--set", "run.seed=5"])))

@@ -220,13 +220,14 @@ def test_annotated_defaults_is_valid_toml_equal_to_the_defaults() -> None:
 def test_default_model_presets_apply_under_user_settings(tmp_path) -> None:
     cfg = load_config()
     assert cfg.model.name == "shapes"
-    assert cfg.reward.name == "shapes-gold" and cfg.sample.num_steps == 20  # offline, CPU-sized
+    assert cfg.reward.name == "shapes-clip" and cfg.sample.num_steps == 20  # offline, CPU-sized
+    assert cfg.logging.watch == ["shapes-gold"] and cfg.model.train_mode == "full"
     user = load_config(None, ["sample.num_steps=7"], {"reward": {"name": "incompressibility"}})
     assert user.reward.name == "incompressibility" and user.sample.num_steps == 7
     assert user.sample.batch_size == 16  # the untouched preset still applies
     toml = tmp_path / "c.toml"
-    toml.write_text('[reward]\nname = "shapes-clip"\n')
-    assert load_config(toml).reward.name == "shapes-clip"
+    toml.write_text('[reward]\nname = "shapes-aesthetic"\n')
+    assert load_config(toml).reward.name == "shapes-aesthetic"
 
 
 def test_models_without_presets_keep_the_paper_defaults() -> None:

@@ -79,18 +79,20 @@ def test_tokenizer_files_are_deterministic(tmp_path):
 
 
 def test_shipped_model_loads_offline_and_follows_prompts():
-    """A quick gold check: samples match their own prompts' colours far more often than others'."""
+    """A quick gold check: samples satisfy their own prompts' facts far more often than others'.
+
+    (A mismatched single-object prompt still shares the "exactly one object" fact, so ~0.35 is its floor.)"""
     from rlbench import load_policy
     from rlbench.shapes.analyser import gold_scores
     from rlbench.shapes.quality import sample_images
 
     policy = load_policy("shapes")
     assert policy.name == "shapes" and policy.default_prompts == "shapes-train"
-    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 4
-    images = sample_images(policy, prompts, num_steps=10, seed=0)
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 8
+    images = sample_images(policy, prompts, num_steps=20, seed=0)
     own = gold_scores(images, prompts).mean()
     other = gold_scores(images, prompts[1:] + prompts[:1]).mean()
-    assert own > other + 0.25, (own, other)
+    assert own > other + 0.12, (own, other)  # measured 0.625 vs 0.391 (seed 0), 0.578 vs 0.359 (seed 1)
 
 
 def test_shipped_weights_fit_the_size_budget_and_are_safetensors():
@@ -113,7 +115,8 @@ def test_default_train_then_quality_of_the_run(tmp_path):
     proc = run_cli(["train", "--epochs", "1", "--out", str(out), *small])
     assert proc.returncode == 0, proc.stderr
     config = (out / "config.toml").read_text()
-    assert 'name = "shapes"' in config and 'name = "shapes-gold"' in config and 'name = "shapes-train"' in config
+    assert 'name = "shapes"' in config and 'name = "shapes-clip"' in config and 'name = "shapes-train"' in config
+    assert "watch_mean/shapes-gold" in (out / "metrics.jsonl").read_text()
     proc = run_cli(["shapes", "quality", "--run", str(out), "--n", "4", "--steps", "2", "--splits", "heldout-counts"])
     assert proc.returncode == 0, proc.stderr
     assert "| heldout-counts | all | 4 |" in proc.stdout

@@ -315,18 +315,24 @@ def load_shapes_model(revision: str = ""):
 
 
 # `rlbench train` with no options trains this model: CPU-sized defaults under the user's settings
-# (rlbench.config.model_presets), with the exact offline reward. Tuned so the default run finishes in
-# about 10 minutes on a 2-core CPU with the reward rising (README, "The shapes world").
+# (rlbench.config.model_presets). The reward is the learned CLIP proxy with the exact gold watched
+# beside it, so the default run shows a reward rising and what happens to the truth meanwhile.
+# Full fine-tuning: at 3.2 M parameters LoRA adapters only moved the policy by KL ~1e-8 per step at
+# lr 1e-3 (measured), and 64 samples per epoch keep the advantage signal above the noise. The
+# README ("The shapes world") has the measured curves; the default finishes in under 10 CPU minutes.
 load_shapes_model.train_defaults = {
-    "reward.name": "shapes-gold",
-    "run.epochs": 10,
+    "reward.name": "shapes-clip",
+    "logging.watch": ["shapes-gold"],
+    "run.epochs": 6,
+    "model.train_mode": "full",
     "sample.num_steps": 20,
     "sample.batch_size": 16,
-    "sample.num_batches_per_epoch": 2,
+    "sample.num_batches_per_epoch": 4,
     "train.batch_size": 16,
     "train.gradient_accumulation_steps": 1,
-    "train.learning_rate": 1e-3,
+    "train.learning_rate": 1e-4,
     "logging.num_samples": 16,
+    "checkpoint.keep": 2,
 }
 
 
