@@ -70,10 +70,8 @@ class CLIPScore(Reward):
     def _load(self):
         if self._model is None:
             folder = resolve(type(self).weights, reward=self.name, override=self.override)
-            pixels = cm.PixelSpec.from_folder(folder, "weights")
-            tokenizer = cm.load_hf_tokenizer(folder, option="weights")
-            self._model = cm.load_hf_clip(folder, option="weights", device=self.device, dtype=self.dtype)
-            self._tokenizer, self._pixels = tokenizer, pixels
+            self._model, self._tokenizer, self._pixels = cm.load_hf_clip_with_processor(
+                folder, folder, processor_option="weights", device=self.device, dtype=self.dtype)
         return self._model, self._tokenizer, self._pixels
 
     def tokenize(self, prompts: list[str]) -> dict:

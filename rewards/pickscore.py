@@ -79,10 +79,8 @@ class PickScore(Reward):
             model_spec, proc_spec = type(self).weights
             folder = resolve(model_spec, reward=self.name, override=self.overrides["weights"])
             proc = resolve(proc_spec, reward=self.name, override=self.overrides["processor"])
-            pixels = cm.PixelSpec.from_folder(proc, "processor")
-            tokenizer = cm.load_hf_tokenizer(proc, option="processor")
-            self._model = cm.load_hf_clip(folder, option="weights", device=self.device, dtype=self.dtype)
-            self._tokenizer, self._pixels = tokenizer, pixels
+            self._model, self._tokenizer, self._pixels = cm.load_hf_clip_with_processor(
+                folder, proc, processor_option="processor", device=self.device, dtype=self.dtype)
         return self._model, self._tokenizer, self._pixels
 
     def tokenize(self, prompts: list[str]) -> dict:

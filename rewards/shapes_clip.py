@@ -33,20 +33,9 @@ from typing import Any
 
 import torch
 
-from rlbench.errors import WeightsNotAvailable
 from rlbench.reward import Reward, RewardOutput, WeightsSpec
-from rlbench.shapes.clip_train import (
-    TRAIN_COMMAND,
-    image_embeds,
-    load_clip,
-    pixel_values,
-    shipped_clip,
-    text_embeds,
-    tokenize,
-)
+from rlbench.shapes.clip_train import clip_folder, image_embeds, load_clip, pixel_values, text_embeds, tokenize
 from rlbench.shapes.vocab import IMAGE_SIZE
-
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 
 class ShapesCLIP(Reward):
@@ -78,15 +67,7 @@ class ShapesCLIP(Reward):
     def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int = 256) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        folder = Path(weights) if weights is not None else shipped_clip()
-        missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
-        if missing:
-            where = ("are not in this installation" if weights is None else "are not in the given folder")
-            raise WeightsNotAvailable(
-                f"reward 'shapes-clip': the weights {where} ({folder}: missing {', '.join(missing)}). "
-                f"Train them with `{TRAIN_COMMAND}` (a few CPU minutes), or pass weights=DIR of a folder "
-                "written by `python -m rlbench.shapes.clip_train --out DIR`."
-            )
+        folder = clip_folder(weights, reward=self.name, option="weights")
         if weights is not None:  # the card names the weights actually used
             self.weights = WeightsSpec(source=str(folder), filename="model.safetensors")
         self.folder = folder

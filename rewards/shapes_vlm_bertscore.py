@@ -35,21 +35,11 @@ from typing import Any
 import torch
 
 from rlbench.bertscore import MINILM_SPEC, VARIANTS, BERTScorer
-from rlbench.errors import WeightsNotAvailable
 from rlbench.reward import Reward, RewardOutput, WeightsSpec
 from rlbench.rewards.vlm_bertscore import QUESTION, REFERENCE
-from rlbench.shapes.clip_train import (
-    TRAIN_COMMAND,
-    image_embeds,
-    load_clip,
-    pixel_values,
-    shipped_clip,
-    text_embeds,
-    tokenize,
-)
+from rlbench.shapes.clip_train import clip_folder, image_embeds, load_clip, pixel_values, text_embeds, tokenize
 from rlbench.shapes.vocab import IMAGE_SIZE
 
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 # The describer's answer: the retrieved caption in the reference's own frame. Measured on 512 fresh
 # renders (half own captions): Spearman with shapes-gold 0.75 with this phrasing, 0.64 with the bare
 # caption (whose recall then also pays for "The image contains" matching nothing in particular).
@@ -157,15 +147,7 @@ class ShapesVLMBERTScore(Reward):
             raise ValueError(f"bertscore_variant must be one of {', '.join(VARIANTS)}, got {bertscore_variant!r}")
         if "{caption}" not in answer_template:
             raise ValueError(f"answer_template must contain '{{caption}}', got {answer_template!r}")
-        folder = Path(clip_weights) if clip_weights is not None else shipped_clip()
-        missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
-        if missing:
-            where = "are not in this installation" if clip_weights is None else "are not in the given folder"
-            raise WeightsNotAvailable(
-                f"reward 'shapes-vlm-bertscore': the shapes-clip weights {where} ({folder}: missing "
-                f"{', '.join(missing)}). Train them with `{TRAIN_COMMAND}` (a few CPU minutes), or pass "
-                "clip_weights=DIR of a folder written by `python -m rlbench.shapes.clip_train --out DIR`."
-            )
+        folder = clip_folder(clip_weights, reward=self.name, option="clip_weights")
         self.batch_size = int(batch_size)
         self.describer = CaptionRetrievalDescriber(folder, batch_size=self.batch_size,
                                                    answer_template=answer_template, device=device)

@@ -239,6 +239,15 @@ def load_hf_tokenizer(folder: Path, *, option: str):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def load_hf_clip_with_processor(model_folder: Path, processor_folder: Path, *, processor_option: str,
+                                device: torch.device, dtype: torch.dtype):
+    """(CLIPModel, tokenizer, PixelSpec): the model from ``model_folder``, the text and image processing
+    from ``processor_folder`` (the same folder for CLIPScore, the LAION repo for PickScore)."""
+    pixels = PixelSpec.from_folder(processor_folder, processor_option)
+    tokenizer = load_hf_tokenizer(processor_folder, option=processor_option)
+    return load_hf_clip(model_folder, option="weights", device=device, dtype=dtype), tokenizer, pixels
+
+
 def image_features(model, pixels: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int,
                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Unit image embeddings (B, D) float32 on ``device``: one ``get_image_features`` per chunk.

@@ -30,13 +30,6 @@ from rlbench.rundir import RunDir, atomic_write_text
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "trainer_state.json")
 
 
-def _chunks(prompts: list, metadata: list, n: int) -> tuple[list[list], list[list]]:
-    """Split an epoch's prompts and metadata back into its ``n`` equal sampling batches."""
-    size = len(prompts) // n
-    return ([prompts[i * size : (i + 1) * size] for i in range(n)],
-            [metadata[i * size : (i + 1) * size] for i in range(n)])
-
-
 def _slug(text: str) -> str:
     """A reward spec as a folder-name part: ``a:1,b:0.5`` -> ``a1+b0.5``."""
     return text.replace(":", "").replace(",", "+")
@@ -271,7 +264,7 @@ class Trainer:
         cfg, policy = self.cfg, self.policy
         t_start = time.perf_counter()
         policy.unet.eval()
-        rollouts, futures, prompts_all, meta_all = [], [], [], []
+        rollouts, futures, prompts_all, meta_all, batches = [], [], [], [], []
         for _ in range(cfg.sample.num_batches_per_epoch):
             prompts, metadata = self.prompt_set.sample(cfg.sample.batch_size, self.prompt_rng)
             ro = policy.sample(prompts, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta,
@@ -286,6 +279,7 @@ class Trainer:
                 f.set_result(self._score(ro.images, prompts, metadata))
                 futures.append(f)
             rollouts.append(ro)
+            batches.append((ro.images, prompts, metadata))
             prompts_all += prompts
             meta_all += metadata
         t_sampled = time.perf_counter()
@@ -343,8 +337,7 @@ class Trainer:
             part = self.accelerator.gather(torch.cat([r[2][name] for r in results]).to(self.device))
             record[f"reward_mean/{name}"] = float(part.float().mean())
         for name, watched in self.watch.items():  # scored, not trained on: e.g. the gold beside a proxy
-            part = torch.cat([watched(ro.images, p, m).scores.detach().float()
-                              for ro, p, m in zip(rollouts, *_chunks(prompts_all, meta_all, len(rollouts)))])
+            part = torch.cat([watched(*batch).scores.detach().float() for batch in batches])
             record[f"watch_mean/{name}"] = float(self.accelerator.gather(part.to(self.device)).mean())
         record.update({k: v for k, v in metrics.items() if k not in record})
         if self.main:

@@ -219,6 +219,6 @@ def test_missing_weights_name_the_training_command(tmp_path, monkeypatch) -> Non
         ShapesCLIP(weights=tmp_path / "absent")
     with pytest.raises(WeightsNotAvailable, match="missing config.json"):
         make_reward("shapes-clip", weights=str(tmp_path))
-    monkeypatch.setattr(shapes_clip_module, "shipped_clip", lambda: tmp_path / "not-installed")
+    monkeypatch.setattr("rlbench.shapes.clip_train.shipped_clip", lambda: tmp_path / "not-installed")
     with pytest.raises(WeightsNotAvailable, match=r"not in this installation.*rlbench\.shapes\.clip_train"):
         ShapesCLIP()

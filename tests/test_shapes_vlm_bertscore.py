@@ -135,7 +135,7 @@ def test_not_differentiable_but_accepts_images_that_require_grad(reward) -> None
 def test_missing_weights_and_bad_options(tmp_path, monkeypatch) -> None:
     with pytest.raises(WeightsNotAvailable, match=r"python -m rlbench\.shapes\.clip_train --out"):
         ShapesVLMBERTScore(clip_weights=tmp_path / "absent")
-    monkeypatch.setattr(module, "shipped_clip", lambda: tmp_path / "not-installed")
+    monkeypatch.setattr("rlbench.shapes.clip_train.shipped_clip", lambda: tmp_path / "not-installed")
     with pytest.raises(WeightsNotAvailable, match="not in this installation"):
         ShapesVLMBERTScore()
     monkeypatch.undo()

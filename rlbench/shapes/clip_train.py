@@ -102,6 +102,25 @@ def shipped_clip() -> Path:
     return Path(str(resources.files("rlbench.shapes").joinpath(PROXY_DIR)))
 
 
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+
+
+def clip_folder(weights: str | Path | None, *, reward: str, option: str) -> Path:
+    """The shapes-clip folder a reward uses (``weights``, default the shipped one), checked complete."""
+    from rlbench.errors import WeightsNotAvailable
+
+    folder = Path(weights) if weights is not None else shipped_clip()
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        where = "are not in this installation" if weights is None else "are not in the given folder"
+        raise WeightsNotAvailable(
+            f"reward '{reward}': the shapes-clip weights {where} ({folder}: missing {', '.join(missing)}). "
+            f"Train them with `{TRAIN_COMMAND}` (a few CPU minutes), or pass {option}=DIR of a folder written "
+            "by `python -m rlbench.shapes.clip_train --out DIR`."
+        )
+    return folder
+
+
 def new_clip(tokenizer, seed: int = 0):
     """A randomly initialised tiny :class:`~transformers.CLIPModel` for ``tokenizer``'s vocabulary."""
     from transformers import CLIPConfig, CLIPModel
