@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlbench.testing import _bytes_to_unicode  # the GPT-2/CLIP byte map, one copy
+
 # OpenAI CLIP normalisation as written in the hub repos' preprocessor_config.json
 # (openai/clip-vit-large-patch14, laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -49,19 +51,6 @@ TINY_OPEN_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
 }
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode map (as in open_clip/tokenizer.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
