@@ -81,7 +81,8 @@ class _DDPO(Algorithm):
     """Shared update loop of DDPO-IS and DDPO-SF (kvablack/ddpo-pytorch scripts/train.py L444-590).
 
     Per inner epoch: shuffle samples; give each sample its own random permutation of the denoising
-    steps and train the first ``int(T * timestep_fraction)`` of them; for each micro-batch and each
+    steps (of the first ``int(T * timestep_window)``, all by default) and train the first
+    ``int(window * timestep_fraction)`` of them; for each micro-batch and each
     trained step, recompute the log-prob of the stored action under the current weights and
     accumulate the loss's gradient. One optimizer step = ``gradient_accumulation_steps``
     micro-batches x all trained steps.
@@ -106,14 +107,15 @@ class _DDPO(Algorithm):
     def update(self, policy, batch: TrainBatch, ctx: UpdateContext) -> dict[str, float | None]:
         cfg = self.config
         n, steps = len(batch), batch.log_probs.shape[1]
-        n_train = max(1, int(steps * cfg.train.timestep_fraction))
+        window = max(1, int(steps * cfg.train.timestep_window))  # the first (noisiest) steps; all by default
+        n_train = max(1, int(window * cfg.train.timestep_fraction))
         mb, acc = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
         sums = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         count = 0
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n, generator=ctx.generator)
             # Each sample gets its own random order of denoising steps (reference L455-471).
-            tperm = torch.stack([torch.randperm(steps, generator=ctx.generator) for _ in range(n)])
+            tperm = torch.stack([torch.randperm(window, generator=ctx.generator) for _ in range(n)])
             n_micro = n // mb
             for m in range(n_micro):
                 idx = order[m * mb : (m + 1) * mb]

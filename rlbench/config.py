@@ -87,6 +87,10 @@ class SampleSection:
     guidance_scale: float = _f(5.0, "Classifier-free guidance weight (paper: 5.0)")
     batch_size: int = _f(8, "Images per sampling batch, per process", "images")
     num_batches_per_epoch: int = _f(4, "Sampling batches per epoch, per process", "batches")
+    images_per_prompt: int = _f(
+        1, "Images per drawn prompt in an epoch: 1 = every image draws its own prompt (DDPO); k > 1 = "
+        "samples-per-epoch / k prompts, k images each, so per-prompt statistics exist from the first epoch "
+        "(Flow-GRPO's groups; pair with advantage.min_count = k)", "images")
     negative_prompt: str = _f("", "Unconditional prompt for guidance (reference: empty string)")
     async_reward: bool = _f(True, "Score a batch in a background thread while the next one samples")
 
@@ -106,7 +110,10 @@ class OptimSection:
     batch_size: int = _f(4, "Samples per training micro-batch, per process", "samples")
     gradient_accumulation_steps: int = _f(2, "Micro-batches accumulated per optimizer step", "micro-batches")
     num_inner_epochs: int = _f(1, "Passes over each epoch's samples", "passes")
-    timestep_fraction: float = _f(1.0, "Fraction of denoising steps trained per sample (0, 1]")
+    timestep_fraction: float = _f(1.0, "Fraction of the window's denoising steps trained per sample (0, 1]")
+    timestep_window: float = _f(
+        1.0, "DDPO trains only the first (noisiest) fraction of the denoising steps, (0, 1]; 1 = all (DDPO). "
+        "The late, nearly noiseless steps carry score-function gradients of norm ~1/sigma_t that are mostly noise")
     learning_rate: float = _f(3e-4, "AdamW learning rate (ddpo-pytorch LoRA: 3e-4; paper full FT: 1e-5)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -209,6 +216,7 @@ class TrainConfig:
             "sample.num_steps": self.sample.num_steps,
             "sample.batch_size": self.sample.batch_size,
             "sample.num_batches_per_epoch": self.sample.num_batches_per_epoch,
+            "sample.images_per_prompt": self.sample.images_per_prompt,
             "train.batch_size": self.train.batch_size,
             "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
             "train.num_inner_epochs": self.train.num_inner_epochs,
@@ -237,6 +245,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.timestep_fraction must be in (0, 1], got {self.train.timestep_fraction}."
             )
+        if not 0.0 < self.train.timestep_window <= 1.0:
+            raise ConfigError(f"train.timestep_window must be in (0, 1], got {self.train.timestep_window}.")
         if not (0.0 <= self.train.adam_beta1 < 1.0 and 0.0 <= self.train.adam_beta2 < 1.0):
             raise ConfigError("train.adam_beta1 and train.adam_beta2 must be in [0, 1).")
         sb, tb = self.sample.batch_size, self.train.batch_size
@@ -252,6 +262,13 @@ class TrainConfig:
                 f"must be a multiple of samples per optimizer step (train.batch_size x "
                 f"train.gradient_accumulation_steps = {self.samples_per_update}); lower "
                 "train.gradient_accumulation_steps or raise sample.num_batches_per_epoch."
+            )
+        k = self.sample.images_per_prompt
+        if self.samples_per_epoch % k:
+            divisors = [d for d in range(1, self.samples_per_epoch + 1) if self.samples_per_epoch % d == 0]
+            raise ConfigError(
+                f"sample.images_per_prompt ({k}) must divide the samples per epoch (sample.batch_size x "
+                f"sample.num_batches_per_epoch = {self.samples_per_epoch}); use one of {divisors}."
             )
         if self.advantage.per_prompt and self.advantage.min_count > self.advantage.buffer_size:
             raise ConfigError(

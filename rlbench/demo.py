@@ -18,7 +18,7 @@ from rlbench.errors import RLBenchError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlbench.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo-out", help="output folder (replaced if it exists)")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model's preset)")
     args = parser.parse_args(argv)
     out = Path(args.out)
 
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except RLBenchError as exc:
         print(f"error: {exc}")
         return 2
-    print(markdown_table(result.summary[result.summary["checkpoint"].isin([0, args.epochs - 1])]))
+    last = int(result.summary["checkpoint"].max())
+    print(markdown_table(result.summary[result.summary["checkpoint"].isin([0, last])]))
     print(f"run directory: {run}  (config.toml, metrics.jsonl, samples/, checkpoints/, tb/)")
     print(f"evaluation:    {result.out}  (scores.parquet, tables/, plots/)")
     return 0

@@ -43,6 +43,11 @@ class PromptSet:
         idx = rng.integers(0, len(self.prompts), size=n)
         return [self.prompts[i] for i in idx], [dict(self.metadata[i]) for i in idx]
 
+    def sample_distinct(self, n: int, rng: np.random.Generator) -> tuple[list[str], list[dict[str, Any]]]:
+        """``n`` different prompts (a random permutation's first n; whole permutations while n > len)."""
+        idx = np.concatenate([rng.permutation(len(self.prompts)) for _ in range(-(-n // len(self.prompts)))])[:n]
+        return [self.prompts[i] for i in idx], [dict(self.metadata[i]) for i in idx]
+
 
 def read_prompt_file(path: str | Path, name: str | None = None) -> PromptSet:
     """A text file, one prompt a line; blank lines and lines starting with ``#`` are skipped."""

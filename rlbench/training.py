@@ -39,6 +39,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
+def epoch_prompts(prompt_set, rng: np.random.Generator, batch_size: int, num_batches: int,
+                  images_per_prompt: int = 1) -> list[tuple[list[str], list[dict[str, Any]]]]:
+    """One process's (prompts, metadata) for each sampling batch of an epoch.
+
+    ``images_per_prompt == 1``: each batch draws its prompts i.i.d., as ddpo-pytorch does.
+    ``k > 1``: the epoch draws ``batch_size * num_batches / k`` different prompts (Flow-GRPO's
+    repeated-prompt sampler draws without replacement) and gives each k consecutive images, so every
+    prompt's group is scored together.
+    """
+    k = images_per_prompt
+    if k == 1:
+        return [prompt_set.sample(batch_size, rng) for _ in range(num_batches)]
+    drawn, meta = prompt_set.sample_distinct(batch_size * num_batches // k, rng)
+    prompts = [p for p in drawn for _ in range(k)]
+    metadata = [dict(m) for m in meta for _ in range(k)]
+    return [(prompts[b * batch_size:(b + 1) * batch_size], metadata[b * batch_size:(b + 1) * batch_size])
+            for b in range(num_batches)]
+
+
 def resolve_config(
     config: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -265,8 +284,8 @@ class Trainer:
         t_start = time.perf_counter()
         policy.unet.eval()
         rollouts, futures, prompts_all, meta_all, batches = [], [], [], [], []
-        for _ in range(cfg.sample.num_batches_per_epoch):
-            prompts, metadata = self.prompt_set.sample(cfg.sample.batch_size, self.prompt_rng)
+        for prompts, metadata in epoch_prompts(self.prompt_set, self.prompt_rng, cfg.sample.batch_size,
+                                               cfg.sample.num_batches_per_epoch, cfg.sample.images_per_prompt):
             ro = policy.sample(prompts, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta,
                                guidance_scale=cfg.sample.guidance_scale, generator=self.sample_gen,
                                neg_embeds=self.neg_embeds)

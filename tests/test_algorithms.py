@@ -515,3 +515,38 @@ def test_train_rwr_with_deterministic_sampling_fails_before_loading(tiny, tmp_pa
     values["algorithm"] = {"name": algo}
     with pytest.raises(ConfigError, match="sample.eta"):
         train(values=values, overrides=[*SMALL, "sample.eta=0.0"], log=None)
+
+
+@pytest.mark.parametrize("algo", ["ddpo-is", "ddpo-sf"])
+def test_ddpo_timestep_window_trains_only_the_noisiest_steps(tiny, algo):
+    cfg = _config(tiny, algo)
+    cfg.train.timestep_window = 0.7  # int(3 * 0.7) = 2: the first two of the three steps
+    s = Setup(tiny, cfg)
+    seen = []
+    step_log_prob = s.policy.step_log_prob
+
+    def recording(x_t, t, *args):
+        seen.append(sorted({int(v) for v in t}))
+        return step_log_prob(x_t, t, *args)
+
+    s.policy.step_log_prob = recording
+    s.update()
+    allowed = {int(v) for v in s.batch.timesteps[:2]}
+    # Every micro-batch trains each of its rows on both window steps and never on the last one.
+    assert len(seen) == 2 * (4 // cfg.train.batch_size)
+    assert set().union(*map(set, seen)) == allowed
+
+
+def test_gradient_snr_estimator_recovers_known_signal_and_noise():
+    """benchmarks/ddpo_gradient_snr.py: n* = tr Cov / |mean|^2 from chunk sums of i.i.d. gradients."""
+    from rlbench.benchmarks.ddpo_gradient_snr import samples_for_snr_one
+
+    g = torch.Generator().manual_seed(0)
+    dim, per, chunks = 2000, 32, 64
+    mean = torch.full((dim,), 0.05)  # |mean|^2 = 5
+    noise_std = 0.5  # tr Cov = 500, so n* = 100
+    samples = mean + noise_std * torch.randn(chunks, per, dim, generator=g)
+    nstar, mu2 = samples_for_snr_one(list(samples.sum(1)), per)
+    assert mu2 == pytest.approx(5.0, rel=0.1) and nstar == pytest.approx(100.0, rel=0.1)
+    pure_noise = list((noise_std * torch.randn(chunks, per, dim, generator=g)).sum(1))
+    assert samples_for_snr_one(pure_noise, per)[0] > 1000  # no signal: n* huge or inf

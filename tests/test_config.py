@@ -51,7 +51,7 @@ learning_rate = 1e-5
     cfg = load_config(path)
     assert (cfg.run.epochs, cfg.run.seed, cfg.sample.batch_size, cfg.sample.eta) == (7, 1, 16, 0.5)
     assert cfg.train.learning_rate == 1e-5
-    assert cfg.sample.num_steps == 20  # untouched: the shapes model's preset
+    assert cfg.sample.num_steps == 10  # untouched: the shapes model's preset
 
     cfg = load_config(path, ["run.epochs=9", "sample.eta=0.25", "model.name=my-model"])
     assert (cfg.run.epochs, cfg.run.seed, cfg.sample.eta, cfg.model.name) == (9, 1, 0.25, "my-model")
@@ -145,6 +145,9 @@ def test_missing_and_invalid_files(tmp_path) -> None:
          ["samples per epoch", "= 4", "must be a multiple of samples per optimizer step", "= 8"]),
         (["advantage.min_count=17", "advantage.buffer_size=16"],
          ["advantage.min_count (17) exceeds advantage.buffer_size (16)"]),
+        (["sample.batch_size=4", "sample.num_batches_per_epoch=3", "sample.images_per_prompt=5", "train.batch_size=4"],
+         ["sample.images_per_prompt (5) must divide the samples per epoch", "= 12", "[1, 2, 3, 4, 6, 12]"]),
+        (["sample.images_per_prompt=0"], ["sample.images_per_prompt must be > 0, got 0"]),
         (["train.timestep_fraction=0"], ["train.timestep_fraction must be in (0, 1], got 0.0"]),
         (["train.timestep_fraction=1.5"], ["train.timestep_fraction must be in (0, 1], got 1.5"]),
         (["model.train_mode=half"], ["model.train_mode = 'half' is not one of 'lora', 'full'"]),
@@ -220,7 +223,8 @@ def test_annotated_defaults_is_valid_toml_equal_to_the_defaults() -> None:
 def test_default_model_presets_apply_under_user_settings(tmp_path) -> None:
     cfg = load_config()
     assert cfg.model.name == "shapes"
-    assert cfg.reward.name == "shapes-clip" and cfg.sample.num_steps == 20  # offline, CPU-sized
+    assert cfg.reward.name == "shapes-clip" and cfg.sample.num_steps == 10  # offline, CPU-sized
+    assert cfg.prompts.name == "shapes-demo" and cfg.sample.images_per_prompt == cfg.advantage.min_count == 8
     assert cfg.logging.watch == ["shapes-gold"] and cfg.model.train_mode == "full"
     user = load_config(None, ["sample.num_steps=7"], {"reward": {"name": "incompressibility"}})
     assert user.reward.name == "incompressibility" and user.sample.num_steps == 7

@@ -205,3 +205,29 @@ def test_bundled_files_have_source_headers() -> None:
         lines = (folder / name).read_text(encoding="utf-8").splitlines()
         assert lines[0].startswith("#"), name
         assert any(line.startswith("#") and "source:" in line for line in lines), name
+
+
+def test_epoch_prompts_groups_images_per_prompt() -> None:
+    from rlbench.training import epoch_prompts
+
+    ps = PromptSet("p", [f"prompt {i}" for i in range(50)], [{"i": i} for i in range(50)])
+    # k = 1 is the reference's draw: each batch its own i.i.d. prompts, same stream as before.
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    assert epoch_prompts(ps, rng_a, 4, 3) == [ps.sample(4, rng_b) for _ in range(3)]
+
+    batches = epoch_prompts(ps, np.random.default_rng(1), batch_size=4, num_batches=3, images_per_prompt=6)
+    assert [len(p) for p, _ in batches] == [4, 4, 4]
+    prompts = [p for b, _ in batches for p in b]
+    metadata = [m for _, b in batches for m in b]
+    # 12 images = 2 prompts x 6 consecutive images, metadata travelling with each prompt.
+    assert prompts[:6] == [prompts[0]] * 6 and prompts[6:] == [prompts[6]] * 6
+    assert prompts[0] != prompts[6]  # different prompts in an epoch, as long as the set has enough
+    assert all(m == {"i": int(p.split()[1])} for p, m in zip(prompts, metadata))
+    metadata[0]["i"] = -1  # each image gets its own metadata dict
+    assert metadata[1]["i"] != -1
+
+
+def test_sample_distinct_covers_the_set_before_repeating() -> None:
+    ps = PromptSet("p", ["a", "b", "c"])
+    prompts, _ = ps.sample_distinct(7, np.random.default_rng(0))
+    assert sorted(prompts[:3]) == sorted(prompts[3:6]) == ["a", "b", "c"] and len(prompts) == 7

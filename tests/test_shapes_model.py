@@ -111,11 +111,11 @@ def test_default_train_then_quality_of_the_run(tmp_path):
 
     out = tmp_path / "run"
     small = ["--set", "sample.num_steps=3", "--set", "sample.batch_size=4", "--set", "sample.num_batches_per_epoch=1",
-             "--set", "train.batch_size=4", "--set", "logging.tensorboard=false"]
+             "--set", "train.batch_size=4", "--set", "logging.tensorboard=false", "--set", "sample.images_per_prompt=2"]
     proc = run_cli(["train", "--epochs", "1", "--out", str(out), *small])
     assert proc.returncode == 0, proc.stderr
     config = (out / "config.toml").read_text()
-    assert 'name = "shapes"' in config and 'name = "shapes-clip"' in config and 'name = "shapes-train"' in config
+    assert 'name = "shapes"' in config and 'name = "shapes-clip"' in config and 'name = "shapes-demo"' in config
     assert "watch_mean/shapes-gold" in (out / "metrics.jsonl").read_text()
     proc = run_cli(["shapes", "quality", "--run", str(out), "--n", "4", "--steps", "2", "--splits", "heldout-counts"])
     assert proc.returncode == 0, proc.stderr

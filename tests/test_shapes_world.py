@@ -34,6 +34,7 @@ from rlbench.shapes.grammar import (
     write_split_files,
 )
 from rlbench.shapes.prompts import (
+    shapes_demo,
     shapes_heldout_combos,
     shapes_heldout_counts,
     shapes_heldout_relations,
@@ -256,3 +257,10 @@ def test_prompt_set_factories() -> None:
         assert ps.metadata == [{"template": parse_caption(p).template, "split": split} for p in ps.prompts]
     with pytest.raises(ValueError, match="unknown shapes split"):
         shapes_split("test")
+
+
+def test_demo_set_is_eight_training_prompts_of_every_template() -> None:
+    demo, train = shapes_demo(), shapes_train()
+    assert len(demo) == len(set(demo.prompts)) == 8 and set(demo.prompts) <= set(train.prompts)
+    assert {m["template"] for m in demo.metadata} == {"single", "count", "relation"}
+    assert demo.metadata == [{"template": parse_caption(p).template, "split": "train"} for p in demo.prompts]

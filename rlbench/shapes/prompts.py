@@ -1,4 +1,4 @@
-"""The shapes world's bundled prompt sets: ``shapes-train`` and the held-out splits.
+"""The shapes world's bundled prompt sets: ``shapes-train``, the held-out splits and ``shapes-demo``.
 
 Each set is read from ``benchmarks/prompts/shapes-<split>.txt`` (written by
 :func:`rlbench.shapes.grammar.write_split_files`; a test keeps the files equal to the generator).
@@ -54,3 +54,26 @@ def shapes_heldout_counts() -> PromptSet:
 def shapes_heldout_relations() -> PromptSet:
     """Relation prompts with held-out (relation, subject shape) pairs (``shapes-heldout-relations``)."""
     return shapes_split("heldout-relations")
+
+
+# Eight training prompts, every template: what the default run trains on, so that each epoch can
+# sample every prompt 8 times and its mean reward is comparable from epoch to epoch.
+DEMO_PROMPTS = (
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "three red squares",
+    "two red triangles",
+    "a red circle left of a blue circle",
+    "a red circle below a yellow square",
+    "a red circle right of a green triangle",
+)
+
+
+def shapes_demo() -> PromptSet:
+    """Eight prompts of ``shapes-train`` (3 single, 2 count, 3 relation): the default run's set."""
+    return PromptSet(
+        "shapes-demo", list(DEMO_PROMPTS),
+        [{"template": parse_caption(p).template, "split": "train"} for p in DEMO_PROMPTS],
+        description="shapes world: 8 training prompts (3 single, 2 count, 3 relation), the default run's set",
+    )
