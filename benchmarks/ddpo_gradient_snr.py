@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 
+import sys
+
 import numpy as np
 import torch
 from rlbench import make_reward
-from rlbench.algorithms.ddpo import ADV_CLIP_MAX
+from rlbench.advantages import PerPromptStatTracker
+from rlbench.algorithms.ddpo import score_function_loss
+from rlbench.errors import RLBenchError
 from rlbench.policy import load_policy
 from rlbench.prompts import load_prompts
+from rlbench.training import epoch_prompts
 
 
 def samples_for_snr_one(chunks: list[torch.Tensor], per_chunk: int) -> tuple[float, float]:
@@ -35,7 +40,7 @@ def samples_for_snr_one(chunks: list[torch.Tensor], per_chunk: int) -> tuple[flo
     return (trace / mu2 if mu2 > 0 else float("inf")), mu2
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--reward", default="shapes-clip")
@@ -50,23 +55,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    policy = load_policy(args.model)
+    try:
+        policy = load_policy(args.model)
+        reward = make_reward(args.reward)
+        prompt_set = load_prompts(args.prompts)
+    except RLBenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     policy.setup_training("full")
     params = policy.trainable_parameters()
-    reward = make_reward(args.reward)
-    prompt_set = load_prompts(args.prompts)
     k, n_prompts = args.images_per_prompt, args.prompt_count
-    drawn, meta = prompt_set.sample_distinct(n_prompts, np.random.default_rng(args.seed))
-    prompts = [p for p in drawn for _ in range(k)]
-    metadata = [dict(m) for m in meta for _ in range(k)]
+    # One epoch of the trainer's grouped sampler: n_prompts different prompts, k images each.
+    [(prompts, metadata)] = epoch_prompts(prompt_set, np.random.default_rng(args.seed), n_prompts * k, 1, k)
     neg = policy.encode_prompts([""])
     policy.unet.eval()
     with torch.no_grad():
         ro = policy.sample(prompts, num_steps=args.steps, eta=1.0, guidance_scale=args.guidance,
                            generator=torch.Generator().manual_seed(args.seed), neg_embeds=neg)
-    r = reward(ro.images, prompts, metadata).scores.float().view(n_prompts, k)
-    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-6)).flatten()
-    adv = adv.clamp(-ADV_CLIP_MAX, ADV_CLIP_MAX)
+    # Each prompt normalised against its own group, as training with advantage.min_count = k does.
+    adv = PerPromptStatTracker(buffer_size=k, min_count=k).update(prompts, reward(ro.images, prompts, metadata).scores)
     policy.unet.train()
 
     n, steps = len(prompts), args.steps
@@ -83,7 +90,7 @@ def main() -> None:
             for j in window:
                 lp = policy.step_log_prob(ro.latents[idx, j], ro.timesteps[j].expand(per), ro.latents[idx, j + 1],
                                           ro.prompt_embeds[idx], neg, args.guidance, 1.0)
-                (-(adv[idx] * lp).sum()).backward()
+                (score_function_loss(lp, adv[idx]) * per).backward()  # sum over the chunk
             grads[name].append(torch.cat([p.grad.flatten() for p in params]))
 
     def total(*names: str) -> list[torch.Tensor]:
@@ -95,7 +102,8 @@ def main() -> None:
                          (f"steps {half + 1}-{steps} (last half)", ("c",)), (f"all {steps} steps", ("a", "b", "c"))]:
         nstar, mu2 = samples_for_snr_one(total(*names), per)
         print(f"  {label:28s} samples per step for SNR 1: {nstar:8.0f}   |E g|^2 = {mu2:.3g}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,9 +11,11 @@ proxy and gold and the aesthetic proxy and gold; one line per model: mean and st
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from rlbench import make_reward
+from rlbench.errors import RLBenchError
 from rlbench.policy import load_policy, load_trained_policy
 from rlbench.prompts import load_prompts
 from rlbench.shapes.quality import sample_images
@@ -21,7 +23,7 @@ from rlbench.shapes.quality import sample_images
 REWARDS = ("shapes-clip", "shapes-gold", "shapes-aesthetic", "shapes-aesthetic-gold")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="'base' (the shipped model), RUN_DIR or RUN_DIR@CHECKPOINT")
     parser.add_argument("--prompts", default="shapes-demo", help="prompt set name or file")
@@ -32,18 +34,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    ps = load_prompts(args.prompts)
+    try:
+        ps = load_prompts(args.prompts)
+        policies = [(model, _load(model)) for model in args.models]  # every name checked before sampling
+    except RLBenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     prompts = [p for p in ps.prompts for _ in range(args.images_per_prompt)]
     metadata = [dict(m) for m in ps.metadata for _ in range(args.images_per_prompt)]
     rewards = {name: make_reward(name) for name in REWARDS}
     print(f"{len(prompts)} images: {len(ps)} prompts of {ps.name} x {args.images_per_prompt}, {args.steps} DDIM steps, "
           f"seed {args.seed}; mean ± standard error")
-    for model in args.models:
-        if model == "base":
-            policy = load_policy("shapes")
-        else:
-            run, _, checkpoint = model.partition("@")
-            policy = load_trained_policy(run, int(checkpoint) if checkpoint else None)
+    for model, policy in policies:
         images = sample_images(policy, prompts, num_steps=args.steps, seed=args.seed)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
         cells = []
@@ -51,7 +53,17 @@ def main() -> None:
             s = reward(x, prompts, metadata).scores.float()
             cells.append(f"{name} {s.mean():.4f} ± {s.std() / len(s) ** 0.5:.4f}")
         print(f"{model}: " + "  ".join(cells), flush=True)
+    return 0
+
+
+def _load(model: str):
+    if model == "base":
+        return load_policy("shapes")
+    run, _, checkpoint = model.partition("@")
+    if checkpoint and not checkpoint.isdigit():
+        raise RLBenchError(f"{model!r}: the checkpoint after '@' must be an epoch number, e.g. {run}@15.")
+    return load_trained_policy(run, int(checkpoint) if checkpoint else None)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,8 +3,8 @@
 The demo trains the embedded ``shapes`` model (shipped with rlbench, no download) with DDPO-IS
 and the model's CPU presets against the learned alignment proxy ``shapes-clip``, then scores its
 logged samples with the proxy, the exact ``shapes-gold`` and ``shapes-aesthetic`` and prints the
-first-vs-last-epoch table (the proxy rises; the gold shows what that is worth): sampling with log-probs, rewards, PPO updates,
-checkpoints, metrics and evaluation tables, in a few CPU minutes.
+first-vs-last-epoch table (the proxy rises; the gold shows what that is worth): sampling with
+log-probs, rewards, PPO updates, checkpoints, metrics and evaluation tables, in a few CPU minutes.
 """
 
 from __future__ import annotations

@@ -318,9 +318,9 @@ def load_shapes_model(revision: str = ""):
 # (rlbench.config.model_presets). The reward is the learned CLIP proxy with the exact gold watched
 # beside it, so the default run shows a reward rising and what happens to the truth meanwhile.
 # Measured on this model (README "Training in the shapes world"):
-# - DDPO's gradient is noise-dominated: two independent 64-sample estimates had cosine ~0. Training
-#   only the noisiest half of the steps (timestep_window 0.5) cut the samples needed for a gradient
-#   SNR of 1 from ~6,300 to ~340 (shapes-clip); the late steps carry 1/sigma-sized pure noise.
+# - DDPO's gradient is noise-dominated: training only the noisiest half of the steps
+#   (timestep_window 0.5) cut the samples needed for a gradient SNR of 1 from ~3,900 to ~390
+#   (shapes-clip, benchmarks/ddpo_gradient_snr.py); the late steps carry 1/sigma-sized noise.
 # - 8 prompts x 8 images per epoch (shapes-demo, images_per_prompt 8) give every prompt its own
 #   baseline from the first epoch and epoch means that compare across epochs.
 # - lr 3e-5 raised the proxy; 1e-4 only damaged the model (a random walk on that noise).
