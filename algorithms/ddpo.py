@@ -72,7 +72,7 @@ def score_function_loss(
 
 from dataclasses import dataclass  # noqa: E402
 
-from rlbench.advantages import batch_normalize  # noqa: E402
+from rlbench.train.advantages import batch_normalize  # noqa: E402
 from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option  # noqa: E402
 from rlbench.errors import ConfigError  # noqa: E402
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from rlbench.advantages import RewardsLike, as_float64, to_output
+from rlbench.train.advantages import RewardsLike, as_float64, to_output
 
 # Paper Table D.5 "inverse temperature 0.2"; jannerm/ddpo finetune.py `temperature=1/5`, applied
 # as `softmax_ref(x * temperature)` so it multiplies the reward (an inverse temperature).

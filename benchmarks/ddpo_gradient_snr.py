@@ -21,12 +21,12 @@ import sys
 import numpy as np
 import torch
 from rlbench import make_reward
-from rlbench.advantages import PerPromptStatTracker
+from rlbench.train.advantages import PerPromptStatTracker
 from rlbench.algorithms.ddpo import score_function_loss
 from rlbench.errors import RLBenchError
-from rlbench.policy import load_policy
+from rlbench.diffusion.policy import load_policy
 from rlbench.prompts import load_prompts
-from rlbench.training import epoch_prompts
+from rlbench.train.trainer import epoch_prompts
 
 
 def samples_for_snr_one(chunks: list[torch.Tensor], per_chunk: int) -> tuple[float, float]:

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 from rlbench import make_reward
-from rlbench.evaluate import markdown_table
-from rlbench.stats import spearman
+from rlbench.eval.evaluate import markdown_table
+from rlbench.utils.stats import spearman
 
 ALIGNMENT = ("shapes-clip", "shapes-vlm-bertscore")
 
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
 
-    from rlbench.policy import load_policy
+    from rlbench.diffusion.policy import load_policy
     from rlbench.shapes.grammar import split_prompts
     from rlbench.shapes.quality import sample_images
     from rlbench.shapes.world import sample_batch

@@ -37,7 +37,9 @@ def main() -> None:
 
     from PIL import Image
 
-    from rlbench.policy import load_policy, load_trained_policy
+    from rlbench.diffusion.policy import load_policy
+
+    from rlbench.train.rundir import load_trained_policy
     from rlbench.shapes.analyser import gold_scores
     from rlbench.shapes.quality import sample_images
 

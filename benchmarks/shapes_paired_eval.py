@@ -16,7 +16,8 @@ import sys
 import torch
 from rlbench import make_reward
 from rlbench.errors import RLBenchError
-from rlbench.policy import load_policy, load_trained_policy
+from rlbench.diffusion.policy import load_policy
+from rlbench.train.rundir import load_trained_policy
 from rlbench.prompts import load_prompts
 from rlbench.shapes.quality import sample_images
 

@@ -30,7 +30,7 @@ def sd15_random_policy():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from rlbench.policy import DiffusionPolicy
+    from rlbench.diffusion.policy import DiffusionPolicy
     from rlbench.testing import tiny_clip_tokenizer, tiny_ddim_scheduler
 
     unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
@@ -110,11 +110,11 @@ def main() -> None:
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args()
 
-    from rlbench.policy import quiet_hf
+    from rlbench.diffusion.policy import quiet_hf
     from rlbench.registry import MODELS
-    from rlbench.rundir import RunDir
+    from rlbench.train.rundir import RunDir
     from rlbench.testing import save_tiny_sd_pipeline
-    from rlbench.training import prepare
+    from rlbench.train.trainer import prepare
 
     quiet_hf()
     tmp = Path(tempfile.mkdtemp(prefix="rlbench-speed-"))

@@ -30,7 +30,7 @@ from zoo_fixtures import (  # noqa: E402 - the tiny builders live with the tests
 )
 
 from rlbench.benchmarks.timing import best_of  # noqa: E402
-from rlbench.reward import make_reward  # noqa: E402
+from rlbench.registry import make_reward  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "an oil painting of a lighthouse",
            "a bowl of soup on a wooden table", "an astronaut riding a horse", "a neon sign that says hello",

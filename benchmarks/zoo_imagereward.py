@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rlbench.benchmarks.timing import best_of
-from rlbench.blip_reward import BlipRewardConfig, ImageRewardModel, model_to_official_state_dict
+from rlbench.nets.blip import BlipRewardConfig, ImageRewardModel, model_to_official_state_dict
 from rlbench.rewards.imagereward import ImageReward
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "red", "blue", "on", "the"]

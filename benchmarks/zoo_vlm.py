@@ -6,9 +6,9 @@ Measures, on this CPU, images/s of
 
 * ``shapes-vlm-bertscore`` (shipped shapes CLIP retrieval + offline MiniLM BERTScore) on shapes-world
   renders nearest-upscaled to ``--size``;
-* the BERTScore step alone (``rlbench.bertscore.BERTScorer``, MiniLM, recall of answer vs
+* the BERTScore step alone (``rlbench.nets.bertscore.BERTScorer``, MiniLM, recall of answer vs
   "The image contains {prompt}");
-* the in-process VLM describer on a tiny random LLaVA (``rlbench.vlm.write_tiny_llava``);
+* the in-process VLM describer on a tiny random LLaVA (``rlbench.nets.vlm.write_tiny_llava``);
 
 each batched (``batch_size``) and in a loop over single images, with the BERTScore token-state
 cache off so both paths encode every sentence. Then the Spearman correlation of
@@ -42,10 +42,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from rlbench.bertscore import BERTScorer
+    from rlbench.nets.bertscore import BERTScorer
     from rlbench.rewards.shapes_vlm_bertscore import ShapesVLMBERTScore, agreement_pairs, gold_agreement
     from rlbench.rewards.vlm_bertscore import QUESTION
-    from rlbench.vlm import TransformersDescriber, write_tiny_llava
+    from rlbench.nets.vlm import TransformersDescriber, write_tiny_llava
 
     n, bs = args.n, args.batch_size
     images, prompts, _ = agreement_pairs(n, seed=123)

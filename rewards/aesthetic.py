@@ -12,7 +12,7 @@ unit embedding — loaded from ``sac+logos+ava1-l14-linearMSE.pth`` (state-dict 
 The CLIP is transformers' ``openai/clip-vit-large-patch14``, exactly as ddpo-pytorch's
 ``aesthetic_scorer.py`` uses it (the HF port of OpenAI's ``clip.load("ViT-L/14")``), with that repo's
 processor: images quantised to uint8 (``(x*255).round()``, ddpo-pytorch ``rewards.py``), bicubic resize
-of the short side to 224, centre crop 224, CLIP normalisation (:class:`rlbench.clip_models.PixelSpec`).
+of the short side to 224, centre crop 224, CLIP normalisation (:class:`rlbench.nets.clip.PixelSpec`).
 With ``images.requires_grad`` under grad mode the float pre-processing keeps the graph instead.
 
 Range: trained on 1-10 ratings; natural images score ~4-7. Over the unit sphere the head spans about
@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlbench import clip_models as cm
+from rlbench.nets import clip as cm
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.hub import resolve
-from rlbench.reward import Reward, WeightsSpec
+from rlbench.weights import resolve
+from rlbench.reward import Reward
+from rlbench.weights import WeightsSpec
 
 # improved-aesthetic-predictor simple_inference.py MLP: 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts in between.
 MLP_DIMS = (768, 1024, 128, 64, 16, 1)

@@ -8,7 +8,7 @@ with a transformers CLIP (default ``openai/clip-vit-large-patch14``) and that re
 
 * images: torchmetrics hands uint8-range tensors to the processor (rescale 1/255, bicubic short side
   224, centre crop 224, CLIP mean/std); rlbench quantises its [0, 1] floats to uint8 and applies the
-  same arithmetic (PIL, see :mod:`rlbench.clip_models`); the float differentiable path when
+  same arithmetic (PIL, see :mod:`rlbench.nets.clip`); the float differentiable path when
   ``images.requires_grad``;
 * text: ``processor(text=..., padding=True)`` *without* truncation, then the ids are cut at the text
   model's ``max_position_embeddings`` (77) — torchmetrics' own truncation, which drops the end token
@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from rlbench import clip_models as cm
-from rlbench.hub import resolve
-from rlbench.reward import Reward, RewardOutput, WeightsSpec
+from rlbench.nets import clip as cm
+from rlbench.weights import resolve
+from rlbench.reward import Reward, RewardOutput
+from rlbench.weights import WeightsSpec
 
 SCALE = 100.0  # torchmetrics clip_score.py: score = 100 * (img * txt).sum(-1)
 

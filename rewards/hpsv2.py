@@ -13,7 +13,7 @@ Score of an image and its own prompt, as ``hpsv2.score`` computes it (tgxs002/HP
   ``Normalize(OPENAI mean/std)``. rlbench applies the same torchvision functions to the whole uint8-
   quantised batch at once. The tensor resize antialiases (torchvision >= 0.17 default); torchvision
   < 0.17 resized tensors without antialiasing, so numbers computed then differ slightly. The float
-  differentiable path (:func:`rlbench.preprocess.clip_pixels`) when ``images.requires_grad``.
+  differentiable path (:func:`rlbench.nets.preprocess.clip_pixels`) when ``images.requires_grad``.
 
 ``version="v2.1"`` (default; as ``hpsv2.evaluate``) or ``"v2.0"`` (``hpsv2.score``'s default). Scores of
 the two versions are not comparable; within a version, only between images of the same prompt (HPSv2#9).
@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from rlbench import clip_models as cm
+from rlbench.nets import clip as cm
 from rlbench.errors import ConfigError, DependencyNotInstalled, WeightsNotAvailable
-from rlbench.hub import resolve
-from rlbench.preprocess import CLIP_MEAN, CLIP_SIZE, CLIP_STD, clip_pixels
-from rlbench.reward import Reward, WeightsSpec
+from rlbench.weights import resolve
+from rlbench.nets.preprocess import CLIP_MEAN, CLIP_SIZE, CLIP_STD, clip_pixels
+from rlbench.reward import Reward
+from rlbench.weights import WeightsSpec
 
 # hpsv2/utils.py hps_version_map
 HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt"}

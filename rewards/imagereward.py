@@ -11,12 +11,12 @@ on generated images (README example: 0.58, 0.27, -1.41, -2.03).
 
 Pre-processing, as ImageReward's ``_transform(224)``: PIL bicubic resize of the short side to 224,
 centre crop 224 (torchvision's rounded offset), OpenAI CLIP mean/std
-(:func:`rlbench.preprocess.clip_pixels_exact`); when the images require grad and grad mode is on, the
-float path :func:`rlbench.preprocess.clip_pixels` instead (antialiased bicubic, no uint8 rounding) so
+(:func:`rlbench.nets.preprocess.clip_pixels_exact`); when the images require grad and grad mode is on, the
+float path :func:`rlbench.nets.preprocess.clip_pixels` instead (antialiased bicubic, no uint8 rounding) so
 gradients reach the pixels, as ReFL's ``score_gard``. Prompts: bert-base-uncased tokenizer with BLIP's
 added ``[DEC]``/``[ENC]`` tokens, ``padding='max_length', truncation=True, max_length=35``.
 
-The network runs on transformers' BLIP port (:mod:`rlbench.blip_reward`), loading the official
+The network runs on transformers' BLIP port (:mod:`rlbench.nets.blip`), loading the official
 ``ImageReward.pt`` through an explicit, strict key mapping; the pip package ``image-reward`` is not needed.
 Batching: one forward per chunk of ``batch_size`` (image, prompt) pairs; distinct prompts are tokenised once.
 """
@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 
-from rlbench.blip_reward import MAX_LENGTH, SCORE_MEAN, SCORE_STD, BlipRewardConfig, ImageRewardModel, load_official
+from rlbench.nets.blip import MAX_LENGTH, SCORE_MEAN, SCORE_STD, BlipRewardConfig, ImageRewardModel, load_official
 from rlbench.errors import WeightsNotAvailable
-from rlbench.hub import resolve
-from rlbench.preprocess import clip_pixels, clip_pixels_exact
-from rlbench.reward import Reward, RewardOutput, WeightsSpec
+from rlbench.weights import resolve
+from rlbench.nets.preprocess import clip_pixels, clip_pixels_exact
+from rlbench.reward import Reward, RewardOutput
+from rlbench.weights import WeightsSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,7 +84,7 @@ class ImageReward(Reward):
         dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` for the two encoders; the head and
             the scores stay float32 (ImageReward casts the CLS feature with ``.float()``).
         batch_size: (image, prompt) pairs per forward pass.
-        config: size overrides of :class:`rlbench.blip_reward.BlipRewardConfig` (for tests and
+        config: size overrides of :class:`rlbench.nets.blip.BlipRewardConfig` (for tests and
             re-trained variants); default ImageReward v1.0 (ViT-L/16 @ 224 + BERT-base).
     """
 

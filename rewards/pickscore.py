@@ -9,7 +9,7 @@ flow_grpo ``pickscore_scorer.py``, which takes the diagonal for one prompt per i
 * processor: the one of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (option ``processor``): text
   ``padding=True, truncation=True, max_length=77``; images bicubic short side 224, centre crop 224,
   CLIP mean/std, from the processor's ``preprocessor_config.json`` (PIL arithmetic, see
-  :mod:`rlbench.clip_models`); the float differentiable path when ``images.requires_grad``.
+  :mod:`rlbench.nets.clip`); the float differentiable path when ``images.requires_grad``.
 
 No softmax: the README's probabilities compare candidates of one prompt; an RL reward scores each
 image against its own prompt. Typical values: ~21-24 for SD3.5-class images (DiffusionNFT#35 via the
@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from rlbench import clip_models as cm
-from rlbench.hub import resolve
-from rlbench.reward import Reward, RewardOutput, WeightsSpec
+from rlbench.nets import clip as cm
+from rlbench.weights import resolve
+from rlbench.reward import Reward, RewardOutput
+from rlbench.weights import WeightsSpec
 
 MODEL_FILES = ("config.json", "model.safetensors")
 # Only the processor/tokenizer files of the LAION repo (and its small config.json, which makes

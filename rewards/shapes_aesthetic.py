@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from rlbench.errors import WeightsNotAvailable
-from rlbench.reward import Reward, RewardOutput, WeightsSpec
+from rlbench.reward import Reward, RewardOutput
+from rlbench.weights import WeightsSpec
 from rlbench.rewards.shapes_gold import to_world_uint8
 from rlbench.shapes import aesthetic
 from rlbench.shapes.analyser import analyse_batch

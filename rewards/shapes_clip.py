@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from rlbench.reward import Reward, RewardOutput, WeightsSpec
+from rlbench.reward import Reward, RewardOutput
+from rlbench.weights import WeightsSpec
 from rlbench.shapes.clip_train import clip_folder, image_embeds, load_clip, pixel_values, text_embeds, tokenize
 from rlbench.shapes.vocab import IMAGE_SIZE
 

@@ -6,7 +6,7 @@ the world's grammar once (:func:`rlbench.shapes.grammar.all_prompts`, 8,046 capt
 for an image is the caption of highest cosine similarity (ties: the first in grammar order), phrased
 through ``answer_template`` (default ``"The image contains {caption}"``, see :data:`ANSWER`). The
 reward is then exactly DDPO's: BERTScore recall of that answer against ``"The image contains
-{prompt}"``, with the shipped offline all-MiniLM-L6-v2 encoder (:mod:`rlbench.bertscore`, layer 6, no
+{prompt}"``, with the shipped offline all-MiniLM-L6-v2 encoder (:mod:`rlbench.nets.bertscore`, layer 6, no
 idf, no baseline, bert-score 0.3.13's special-token handling).
 
 Like DDPO's reward it is a two-stage proxy: the describer's errors (a wrong count, a missed relation)
@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from rlbench.bertscore import MINILM_SPEC, VARIANTS, BERTScorer
-from rlbench.reward import Reward, RewardOutput, WeightsSpec
+from rlbench.nets.bertscore import MINILM_SPEC, VARIANTS, BERTScorer
+from rlbench.reward import Reward, RewardOutput
+from rlbench.weights import WeightsSpec
 from rlbench.rewards.vlm_bertscore import QUESTION, REFERENCE
 from rlbench.shapes.clip_train import clip_folder, image_embeds, load_clip, pixel_values, text_embeds, tokenize
 from rlbench.shapes.vocab import IMAGE_SIZE

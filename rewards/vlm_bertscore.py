@@ -16,7 +16,7 @@ What differs from DDPO's setup, and how to get DDPO's back:
   6th = last layer) instead of ``microsoft/deberta-xlarge-mnli`` layer 40; pass
   ``bertscore_model="microsoft/deberta-xlarge-mnli"`` for DDPO's (layer 40 is then the default).
   No idf, no baseline rescaling, bert-score 0.3.13's special-token handling, as DDPO
-  (:mod:`rlbench.bertscore`). Scores from different encoders are not comparable.
+  (:mod:`rlbench.nets.bertscore`). Scores from different encoders are not comparable.
 
 Batching: one ``generate`` per chunk of ``batch_size`` images (the endpoint: ``batch_size``
 requests a chunk, ``concurrency`` in flight), then one BERTScore pass over the whole batch (each
@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from rlbench.bertscore import MINILM_SPEC, VARIANTS, BERTScorer, spec_for
-from rlbench.reward import Reward, RewardOutput, WeightsSpec
-from rlbench.vlm import (
+from rlbench.nets.bertscore import MINILM_SPEC, VARIANTS, BERTScorer, spec_for
+from rlbench.reward import Reward, RewardOutput
+from rlbench.weights import WeightsSpec
+from rlbench.nets.vlm import (
     DDPO_JPEG_QUALITY,
     DDPO_MAX_TOKENS,
     DEFAULT_ENDPOINT,

@@ -23,6 +23,7 @@ import torch
 
 from rlbench.config import TrainConfig, _coerce
 from rlbench.errors import ConfigError
+from rlbench.registry import ALGORITHMS
 
 
 @dataclass
@@ -132,12 +133,8 @@ def build_options(cls: type, options: dict[str, Any], algo: str) -> Any:
 
 def resolve_algorithm(config: TrainConfig) -> tuple[Algorithm, list[str]]:
     """Load, validate and construct ``config.algorithm`` (before any compute)."""
-    from rlbench.registry import ALGORITHMS
-
     name = config.algorithm.name
-    cls = ALGORITHMS.load(name)
-    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-        raise ConfigError(f"algorithm '{name}' ({ALGORITHMS.entry(name).target}) is not an rlbench.algorithm.Algorithm subclass.")
+    cls = ALGORITHMS.load_subclass(name, Algorithm)
     options = build_options(cls, dict(config.algorithm.options), name)
     notices = cls.validate(config, options) or []
     if options is not None:  # write the full, resolved options back into the config

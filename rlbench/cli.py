@@ -108,7 +108,7 @@ def train(
     if resume is None:
         # Bad keys, values and combinations fail here, before torch, models or data are loaded.
         load_config(config, set_ or [], values)
-    from rlbench.training import train as run_training
+    from rlbench.train.trainer import train as run_training
 
     run_dir = run_training(
         config=config, overrides=set_ or [], values=values, resume=resume, overwrite=overwrite, progress=True
@@ -128,14 +128,14 @@ def eval_(
     """Score runs' logged samples with rewards: scores.parquet, tables and plots."""
     from rich.progress import Progress
 
-    from rlbench.evaluate import evaluate
+    from rlbench.eval.evaluate import evaluate
 
     names = [r.strip() for r in rewards.split(",") if r.strip()] if rewards else None
     with Progress(transient=True) as bar:
         task = bar.add_task("scoring", total=None)
         result = evaluate(run_dirs, rewards=names, out=out, overwrite=overwrite, batch_size=batch_size,
                           progress=lambda: bar.advance(task))
-    from rlbench.evaluate import markdown_table
+    from rlbench.eval.evaluate import markdown_table
 
     typer.echo(markdown_table(result.summary), nl=False)
     typer.echo(f"scores: {result.out / 'scores.parquet'}\ntables: {result.out / 'tables'}\nplots: {result.out / 'plots'}")
@@ -204,9 +204,9 @@ def rewards_download(
                                             help="Reward option KEY=VALUE, e.g. version=v2.0 (repeatable)."),
 ) -> None:
     """Fetch a reward's weights into the normal Hugging Face cache (needs network once; runs offline after)."""
-    from rlbench.hub import download, is_offline, specs_of
+    from rlbench.weights import download, is_offline, specs_of
     from rlbench.registry import REWARDS
-    from rlbench.reward import make_reward
+    from rlbench.registry import make_reward
 
     # Options can change what is needed (hpsv2 version=v2.0); constructing a reward loads nothing.
     target = make_reward(name, **_options(opt, "--opt")).reward if opt else REWARDS.load(name)
@@ -232,8 +232,8 @@ def rewards_score(
     """Score image files; prints one line per image: path<TAB>score."""
     from rich.progress import Progress
 
-    from rlbench.images import load_images
-    from rlbench.reward import make_reward
+    from rlbench.utils.images import load_images
+    from rlbench.registry import make_reward
 
     reward = make_reward(name, **_options(opt, "--opt"))
     for p in images:  # fail on a bad file before any scoring
@@ -259,7 +259,7 @@ def rewards_check(
 ) -> None:
     """Run check_reward on a registered reward (for plugin authors' CI)."""
     from rlbench.checker import check_reward
-    from rlbench.reward import make_reward
+    from rlbench.registry import make_reward
 
     check_reward(make_reward(name, **_options(opt, "--opt")), image_size=image_size)
     typer.echo(f"reward '{name}' passes check_reward")
@@ -336,7 +336,7 @@ def shapes_pretrain(
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop early (and save) after this long."),
 ) -> None:
     """Pretrain the shapes-world text-to-image model from scratch on rendered (image, caption) pairs."""
-    from rlbench.evaluate import prepare_out
+    from rlbench.eval.evaluate import prepare_out
     from rlbench.shapes.model import pretrain, vocabulary, world_batches
 
     folder = prepare_out(out)
@@ -362,8 +362,9 @@ def shapes_quality(
     The same seed gives the same prompts and the same initial noise for any model or run, so a run
     compared with its base model (same --seed) is a paired before/after measurement.
     """
-    from rlbench.evaluate import markdown_table
-    from rlbench.policy import load_policy, load_trained_policy
+    from rlbench.eval.evaluate import markdown_table
+    from rlbench.diffusion.policy import load_policy
+    from rlbench.train.rundir import load_trained_policy
     from rlbench.shapes.quality import quality_table
 
     policy = load_trained_policy(run, checkpoint) if run is not None else load_policy(model)

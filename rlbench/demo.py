@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
 
-    from rlbench.evaluate import evaluate, markdown_table
-    from rlbench.policy import quiet_hf
-    from rlbench.training import train
+    from rlbench.eval.evaluate import evaluate, markdown_table
+    from rlbench.diffusion.policy import quiet_hf
+    from rlbench.train.trainer import train
 
     quiet_hf()
     try:

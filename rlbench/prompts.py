@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from rlbench.errors import InputError, UnknownNameError
+from rlbench.registry import PROMPTS
 
 
 @dataclass
@@ -72,14 +73,8 @@ def _bundled(filename: str, name: str, description: str) -> PromptSet:
 
 def load_prompts(name_or_path: str) -> PromptSet:
     """A registered prompt set by name, else a prompt file by path."""
-    from rlbench.registry import PROMPTS
-    from rlbench.reward import construct_plugin
-
     if name_or_path in PROMPTS:
-        ps = construct_plugin(PROMPTS.load(name_or_path), {}, kind="prompt set", name=name_or_path)
-        if not isinstance(ps, PromptSet):
-            raise InputError(f"prompt set '{name_or_path}' returned {type(ps).__name__}, not a PromptSet.")
-        return ps
+        return PROMPTS.make(name_or_path, returns=PromptSet)
     if Path(name_or_path).is_file():
         return read_prompt_file(name_or_path)
     raise UnknownNameError(PROMPTS.unknown_message(name_or_path) + " Or give a text file, one prompt a line.")

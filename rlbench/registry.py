@@ -17,13 +17,19 @@ Rules (after Gymnasium's and lm-evaluation-harness' lessons):
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import inspect
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlbench.errors import PluginLoadError, RegistrationError, UnknownNameError
+from rlbench.errors import ConfigError, PluginLoadError, RegistrationError, RLBenchError, UnknownNameError
+
+if TYPE_CHECKING:
+    from rlbench.reward import CheckedReward
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,30 @@ class Registry:
         self._loaded[name] = obj
         return obj
 
+    def load_subclass(self, name: str, base: type) -> type:
+        """:meth:`load`, checked to be a subclass of ``base`` (lm-eval's ``base_cls`` check)."""
+        cls = self.load(name)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise ConfigError(
+                f"{self.kind} '{name}' ({self.entry(name).target}) is not a subclass of "
+                f"{base.__module__}.{base.__qualname__}."
+            )
+        return cls
+
+    def make(self, name: str, options: Mapping[str, Any] | None = None, *, returns: type | None = None) -> Any:
+        """Construct the plugin registered as ``name`` with ``options`` (after ``gym.make``).
+
+        Unknown options are a ConfigError naming the plugin's options; with ``returns``, a plugin
+        that builds anything else is an error naming what it built.
+        """
+        obj = construct(self.load(name), options or {}, kind=self.kind, name=name)
+        if returns is not None and not isinstance(obj, returns):
+            raise ConfigError(
+                f"{self.kind} '{name}' ({self.entry(name).target}) built a {type(obj).__name__}, "
+                f"not a {returns.__qualname__}."
+            )
+        return obj
+
     # -- in-process registration (notebooks, tests) --------------------------------------------------
     def register(self, name: str, target: Any) -> None:
         """Register ``target`` (an object or a ``"module:attr"`` string) as ``name`` in this process.
@@ -202,3 +232,65 @@ REWARDS = Registry("rlbench.rewards", "reward", "rlbench rewards list")
 ALGORITHMS = Registry("rlbench.algorithms", "algorithm", "rlbench algos list")
 MODELS = Registry("rlbench.models", "model", "rlbench models list")
 PROMPTS = Registry("rlbench.prompts", "prompt set", "rlbench prompts list")
+
+
+def make_reward(name: str, **options: Any) -> CheckedReward:
+    """Build the reward registered as ``name`` — the one front door for rewards (after ``gym.make``).
+
+    Args:
+        name: a registered reward name (``rlbench rewards list``), or a weighted combination
+            ``"a:1.0,b:0.5"`` (see :mod:`rlbench.combine`).
+        **options: constructor options of that reward (a weights path, a batch size, ...).
+
+    Returns:
+        A :class:`CheckedReward`: call it as ``reward(images, prompts, metadata)`` to get a
+        :class:`RewardOutput` (which unpacks as ``scores, info``).
+    """
+    # Imported here: listing a registry must not import torch (the reward contract does).
+    from rlbench.combine import WeightedSum, is_combination, parse_spec, split_options
+    from rlbench.reward import CheckedReward
+
+    if is_combination(name):  # "a:1.0,b:0.5": a weighted sum of registered rewards
+        pairs = parse_spec(name)
+        routed = split_options([n for n, _ in pairs], options)
+        components = [(n, w, make_reward(n, **routed[n])) for n, w in pairs]
+        combined = WeightedSum(components)
+        return CheckedReward(combined, name=combined.spec, origin="combined",
+                             target=", ".join(f"{n}={c.card.target or c.card.origin}" for n, _, c in components))
+    entry = REWARDS.entry(name)
+    return CheckedReward(REWARDS.make(name, options), name=name, origin=entry.origin, target=entry.target)
+
+
+def construct(factory: Any, options: Mapping[str, Any], *, kind: str, name: str) -> Any:
+    """Call a plugin's class or factory with ``options``; unknown options are a ConfigError."""
+    if not (inspect.isclass(factory) or inspect.isroutine(factory) or isinstance(factory, functools.partial)):
+        # An entry point (or register()) may name a ready-made instance; a reward instance is
+        # callable too, but calling it would score, not construct.
+        if options:
+            raise ConfigError(
+                f"{kind} '{name}' is registered as a ready-made instance and takes no options; "
+                f"got {', '.join(repr(k) for k in options)}."
+            )
+        return factory
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        params = sig.parameters
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [k for k in options if k not in accepted]
+        if unknown and not takes_kwargs:
+            raise ConfigError(
+                f"{kind} '{name}' has no option {', '.join(repr(u) for u in unknown)}; "
+                f"its options are: {', '.join(accepted) or 'none'}."
+            )
+    try:
+        return factory(**options)
+    except RLBenchError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{kind} '{name}' rejected options {dict(options)}: {exc}") from exc
+    except Exception as exc:
+        raise PluginLoadError(f"{kind} '{name}' failed to construct: {type(exc).__name__}: {exc}") from exc

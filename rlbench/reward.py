@@ -17,7 +17,6 @@ return value to :class:`RewardOutput`. Whatever the plugin, rlbench calls it thr
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,24 +24,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from rlbench.errors import ConfigError, InputError, PluginLoadError, RewardContractError, RLBenchError
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """Where a reward's weights come from: a hub id or URL, pinned where the source allows."""
-
-    source: str  # hub repo id ("org/name"), https URL, or "rlbench" (shipped in the package)
-    filename: str | None = None  # one file of the repo; None: the repo as a folder
-    revision: str | None = None  # pinned commit where the source has one
-    sha256: str | None = None  # checked for URL downloads (the hub checks its own LFS hashes)
-    license: str | None = None
-    option: str = "weights"  # the reward's constructor option that overrides this source
-    allow_patterns: tuple[str, ...] = ()  # folder sources: only these files (e.g. no duplicate .bin weights)
-
-    def __str__(self) -> str:
-        s = self.source + (f"/{self.filename}" if self.filename else "")
-        return s + (f"@{self.revision[:12]}" if self.revision else "")
+from rlbench.errors import InputError, RewardContractError
+from rlbench.weights import WeightsSpec, specs_of
 
 
 @dataclass
@@ -72,7 +55,7 @@ class Reward:
     differentiable: ClassVar[bool] = False
     score_range: ClassVar[str] = ""  # e.g. "[0, inf) kB"
     paper: ClassVar[str] = ""
-    weights: ClassVar[WeightsSpec | tuple[WeightsSpec, ...] | None] = None  # see rlbench.hub
+    weights: ClassVar[WeightsSpec | tuple[WeightsSpec, ...] | None] = None  # see rlbench.weights
     extra: ClassVar[str | None] = None  # pip extra needed, e.g. "rlbench[vlm]"
 
     def score(
@@ -123,8 +106,6 @@ class RewardCard:
 def reward_card(reward: Any, name: str | None = None, origin: str = "local", target: str = "") -> RewardCard:
     """Read the card of any reward (class or instance, subclass of :class:`Reward` or not)."""
     inner = reward.reward if isinstance(reward, CheckedReward) else reward
-    from rlbench.hub import specs_of
-
     specs = specs_of(inner)
     doc = inspect.getdoc(inner if inspect.isclass(inner) else type(inner)) or ""
     return RewardCard(
@@ -248,61 +229,3 @@ class CheckedReward:
 
     def __repr__(self) -> str:
         return f"CheckedReward({self.name!r}, version={self.card.version}, origin={self.card.origin})"
-
-
-def make_reward(name: str, **options: Any) -> CheckedReward:
-    """Build the reward registered as ``name`` — the one front door for rewards (after ``gym.make``).
-
-    Args:
-        name: a registered reward name (``rlbench rewards list``), or a weighted combination
-            ``"a:1.0,b:0.5"`` (see :mod:`rlbench.multi_reward`).
-        **options: constructor options of that reward (a weights path, a batch size, ...).
-
-    Returns:
-        A :class:`CheckedReward`: call it as ``reward(images, prompts, metadata)`` to get a
-        :class:`RewardOutput` (which unpacks as ``scores, info``).
-    """
-    from rlbench.multi_reward import is_combination, make_weighted_sum
-    from rlbench.registry import REWARDS
-
-    if is_combination(name):  # "a:1.0,b:0.5": a weighted sum of registered rewards
-        return make_weighted_sum(name, options)
-    entry = REWARDS.entry(name)
-    factory = REWARDS.load(name)
-    reward = construct_plugin(factory, options, kind="reward", name=name)
-    return CheckedReward(reward, name=name, origin=entry.origin, target=entry.target)
-
-
-def construct_plugin(factory: Any, options: Mapping[str, Any], *, kind: str, name: str) -> Any:
-    """Call a plugin's class or factory with ``options``; unknown options are a ConfigError."""
-    if not (inspect.isclass(factory) or inspect.isroutine(factory) or isinstance(factory, functools.partial)):
-        # An entry point (or register()) may name a ready-made instance; a reward instance is
-        # callable too, but calling it would score, not construct.
-        if options:
-            raise ConfigError(
-                f"{kind} '{name}' is registered as a ready-made instance and takes no options; "
-                f"got {', '.join(repr(k) for k in options)}."
-            )
-        return factory
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is not None:
-        params = sig.parameters
-        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        unknown = [k for k in options if k not in accepted]
-        if unknown and not takes_kwargs:
-            raise ConfigError(
-                f"{kind} '{name}' has no option {', '.join(repr(u) for u in unknown)}; "
-                f"its options are: {', '.join(accepted) or 'none'}."
-            )
-    try:
-        return factory(**options)
-    except RLBenchError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{kind} '{name}' rejected options {dict(options)}: {exc}") from exc
-    except Exception as exc:
-        raise PluginLoadError(f"{kind} '{name}' failed to construct: {type(exc).__name__}: {exc}") from exc

@@ -22,6 +22,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from rlbench.utils.bpe import BOS as _BOS, EOS as _EOS, byte_level_vocab
+
 __all__ = [
     "TINY_MAX_TOKEN_LENGTH",
     "TINY_TEXT_HIDDEN_SIZE",
@@ -34,8 +36,6 @@ __all__ = [
 
 TINY_TEXT_HIDDEN_SIZE = 16  # = UNet cross_attention_dim
 TINY_MAX_TOKEN_LENGTH = 77  # SD-1.x prompt length, so padding/truncation behave as in production
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
 # Offsets keep each component's weights independent of the others' sizes and of `latent`.
 _SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2}
 
@@ -52,37 +52,6 @@ _SD1_DDIM_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte -> printable-unicode map (256 entries)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
-def byte_level_vocab() -> dict[str, int]:
-    """A minimal CLIP BPE vocabulary that can encode any text.
-
-    The 256 byte symbols, their ``</w>`` (end-of-word) variants, then ``<|startoftext|>`` and
-    ``<|endoftext|>`` last, as in the real CLIP vocab (so EOS has the highest id).
-    """
-    symbols = sorted(_bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
-    vocab[_BOS] = len(vocab)
-    vocab[_EOS] = len(vocab)
-    return vocab
 
 
 def _write_tokenizer_files(folder: Path) -> None:

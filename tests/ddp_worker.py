@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from rlbench.algorithm import resolve_algorithm
 from rlbench.config import load_config
-from rlbench.policy import load_policy
+from rlbench.diffusion.policy import load_policy
 from rlbench.prompts import load_prompts
-from rlbench.reward import make_reward
-from rlbench.training import Trainer
+from rlbench.registry import make_reward
+from rlbench.train.trainer import Trainer
 
 model, out, algo = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 cfg = load_config(

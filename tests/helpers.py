@@ -123,7 +123,7 @@ def make_run_dir(
     Returns the :class:`RunDir`.
     """
     from rlbench.config import TrainConfig
-    from rlbench.rundir import RunDir
+    from rlbench.train.rundir import RunDir
 
     cfg = TrainConfig()
     cfg.reward.name = reward

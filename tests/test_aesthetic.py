@@ -16,8 +16,8 @@ from zoo_fixtures import (
 
 from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.hub import url_cache_path
-from rlbench.reward import make_reward
+from rlbench.weights import url_cache_path
+from rlbench.registry import make_reward
 from rlbench.rewards.aesthetic import MLP_SHA256, Aesthetic, AestheticMLP, load_mlp
 
 PROMPTS = ["a photo of a cat", "", "a " + "very long " * 100 + "prompt", "x"]

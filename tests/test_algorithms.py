@@ -1,5 +1,5 @@
 """The algorithm plugins (ddpo-is, ddpo-sf, rwr, rwr-sparse) on real rollouts of a tiny LoRA policy,
-and ``rlbench.training.train`` end to end in-process (CPU, offline)."""
+and ``rlbench.train.trainer.train`` end to end in-process (CPU, offline)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from rlbench.algorithm import TrainBatch, UpdateContext, build_options, resolve_algorithm
 from rlbench.config import TrainConfig, load_config
 from rlbench.errors import ConfigError, RunDirError
-from rlbench.policy import DiffusionPolicy, load_policy
+from rlbench.diffusion.policy import DiffusionPolicy, load_policy
 from rlbench.testing import save_tiny_sd_pipeline
 
 ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse")
@@ -425,7 +425,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_train_end_to_end_refuses_existing_out_and_resumes(tiny, tmp_path, monkeypatch):
-    from rlbench.training import train
+    from rlbench.train.trainer import train
 
     out = tmp_path / "run"
     path = train(values=_values(tiny, out, 2), overrides=[*SMALL, "logging.tensorboard=true"], log=None)
@@ -464,14 +464,14 @@ def test_train_end_to_end_refuses_existing_out_and_resumes(tiny, tmp_path, monke
     assert any((out / "tb").iterdir())
 
     # The same --out again: refused before any model is loaded, and the run is left alone.
-    import rlbench.policy
+    import rlbench.diffusion.policy
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the run directory was checked")
 
     before = (out / "metrics.jsonl").read_bytes()
     with monkeypatch.context() as m:
-        m.setattr(rlbench.policy, "load_policy", no_loading)
+        m.setattr(rlbench.diffusion.policy, "load_policy", no_loading)
         with pytest.raises(RunDirError, match="already exists"):
             train(values=_values(tiny, out, 2), overrides=SMALL, log=None)
     assert (out / "metrics.jsonl").read_bytes() == before
@@ -489,7 +489,7 @@ def test_train_end_to_end_refuses_existing_out_and_resumes(tiny, tmp_path, monke
 def test_train_full_unet_writes_unet_checkpoints(tiny, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from rlbench.training import train
+    from rlbench.train.trainer import train
 
     out = tmp_path / "full"
     train(values=_values(tiny, out, 1, train_mode="full"),
@@ -506,10 +506,10 @@ def test_train_full_unet_writes_unet_checkpoints(tiny, tmp_path):
 
 @pytest.mark.parametrize("algo", ["rwr", "rwr-sparse"])
 def test_train_rwr_with_deterministic_sampling_fails_before_loading(tiny, tmp_path, monkeypatch, algo):
-    import rlbench.policy
-    from rlbench.training import train
+    import rlbench.diffusion.policy
+    from rlbench.train.trainer import train
 
-    monkeypatch.setattr(rlbench.policy, "load_policy",
+    monkeypatch.setattr(rlbench.diffusion.policy, "load_policy",
                         lambda *a, **k: pytest.fail("a model was loaded for an invalid config"))
     values = _values(tiny, tmp_path / "run", 1)
     values["algorithm"] = {"name": algo}

@@ -1,4 +1,4 @@
-"""rlbench.bertscore: BERTScore recall as DDPO computed it, on the real (shipped) all-MiniLM-L6-v2 weights."""
+"""rlbench.nets.bertscore: BERTScore recall as DDPO computed it, on the real (shipped) all-MiniLM-L6-v2 weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from rlbench.bertscore import (
+from rlbench.nets.bertscore import (
     DDPO_MODEL,
     MINILM_SPEC,
     BERTScorer,

@@ -11,9 +11,9 @@ import pytest
 from helpers import GenericTestReward, make_run_dir, random_images, run_cli, write_png
 from rlbench.cli import app
 from rlbench.config import TrainConfig
-from rlbench.images import load_images, to_uint8
+from rlbench.utils.images import load_images, to_uint8
 from rlbench.registry import ALGORITHMS, MODELS, PROMPTS, REWARDS
-from rlbench.reward import make_reward
+from rlbench.registry import make_reward
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,9 +15,9 @@ from zoo_fixtures import (
 )
 
 from rlbench.checker import check_reward
-from rlbench.clip_models import PixelSpec
+from rlbench.nets.clip import PixelSpec
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.reward import make_reward
+from rlbench.registry import make_reward
 from rlbench.rewards.clipscore import CLIPScore
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "a " + "very long " * 100 + "prompt",

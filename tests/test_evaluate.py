@@ -8,10 +8,10 @@ import torch
 
 from helpers import make_run_dir
 from rlbench.errors import InputError, RunDirError, UnknownNameError
-from rlbench.evaluate import SCORE_COLUMNS, evaluate
-from rlbench.images import load_images
-from rlbench.reward import make_reward
-from rlbench.rundir import RunDir
+from rlbench.eval.evaluate import SCORE_COLUMNS, evaluate
+from rlbench.utils.images import load_images
+from rlbench.registry import make_reward
+from rlbench.train.rundir import RunDir
 
 REWARDS = ["incompressibility", "compressibility"]
 

@@ -15,8 +15,8 @@ from zoo_fixtures import (
 
 from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.preprocess import CLIP_MEAN, CLIP_STD
-from rlbench.reward import make_reward
+from rlbench.nets.preprocess import CLIP_MEAN, CLIP_STD
+from rlbench.registry import make_reward
 from rlbench.rewards.hpsv2 import HPS_FILES, HPSv2, hps_pixels
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "a " + "very long " * 100 + "prompt",

@@ -1,4 +1,4 @@
-"""Offline-first weight resolution (rlbench.hub) and `rlbench rewards download`."""
+"""Offline-first weight resolution (rlbench.weights) and `rlbench rewards download`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import io
 import pytest
 
 from helpers import run_cli
-from rlbench import hub
+from rlbench import weights as hub
 from rlbench.errors import WeightsNotAvailable
-from rlbench.reward import WeightsSpec
+from rlbench.weights import WeightsSpec
 
 URL = "https://example.invalid/models/head.pth"
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlbench.blip_reward import (
+from rlbench.nets.blip import (
     KEY_RULES,
     BlipRewardConfig,
     ImageRewardModel,
@@ -30,8 +30,9 @@ from rlbench.blip_reward import (
 )
 from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.preprocess import CLIP_MEAN, CLIP_STD
-from rlbench.reward import make_reward, reward_card
+from rlbench.nets.preprocess import CLIP_MEAN, CLIP_STD
+from rlbench.registry import make_reward
+from rlbench.reward import reward_card
 from rlbench.rewards.imagereward import ImageReward
 
 # Published constants, typed in from ImageReward/ImageReward.py (not imported from the code under test).
@@ -498,7 +499,7 @@ def test_key_mapping_is_a_bijection_onto_the_model(sizes) -> None:
 
 
 def _template_of(key: str) -> str:
-    from rlbench.blip_reward import _FORWARD, KEY_RULES
+    from rlbench.nets.blip import _FORWARD, KEY_RULES
 
     for (pattern, _), (src, _) in zip(_FORWARD, KEY_RULES):
         if pattern.fullmatch(key):

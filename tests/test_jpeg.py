@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from helpers import random_images
-from rlbench.images import to_uint8
-from rlbench.reward import make_reward
+from rlbench.utils.images import to_uint8
+from rlbench.registry import make_reward
 from rlbench.rewards.jpeg import quantize
 
 

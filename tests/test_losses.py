@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlbench.advantages import PerPromptStatTracker, batch_normalize
+from rlbench.train.advantages import PerPromptStatTracker, batch_normalize
 from rlbench.algorithms.ddpo import ADV_CLIP_MAX, CLIP_RANGE, ppo_clip_loss, score_function_loss
 from rlbench.algorithms.rwr import BETA, PERCENTILE, rwr_weights, sparse_mask, weighted_denoising_loss
 from rlbench.errors import RewardContractError

@@ -9,7 +9,7 @@ from helpers import random_images, run_cli, write_png
 from rlbench import make_reward
 from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, UnknownNameError
-from rlbench.multi_reward import parse_spec
+from rlbench.combine import parse_spec
 
 
 def test_parse_spec_accepts_plus_and_comma_and_default_weight() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlbench.errors import ConfigError, UnknownNameError, WeightsNotAvailable
-from rlbench.policy import DiffusionPolicy, Rollout, load_policy
+from rlbench.diffusion.policy import DiffusionPolicy, Rollout, load_policy
 from rlbench.testing import TINY_TEXT_HIDDEN_SIZE, save_tiny_sd_pipeline
 
 STEPS = 3  # DDIM steps in these tests

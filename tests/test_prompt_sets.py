@@ -208,7 +208,7 @@ def test_bundled_files_have_source_headers() -> None:
 
 
 def test_epoch_prompts_groups_images_per_prompt() -> None:
-    from rlbench.training import epoch_prompts
+    from rlbench.train.trainer import epoch_prompts
 
     ps = PromptSet("p", [f"prompt {i}" for i in range(50)], [{"i": i} for i in range(50)])
     # k = 1 is the reference's draw: each batch its own i.i.d. prompts, same stream as before.

@@ -10,7 +10,7 @@ import pytest
 from helpers import run_cli, subprocess_env
 from rlbench.errors import PluginLoadError, RegistrationError, UnknownNameError
 from rlbench.registry import PROMPTS, REWARDS
-from rlbench.reward import make_reward
+from rlbench.registry import make_reward
 
 GROUP = "rlbench.rewards"
 

@@ -18,7 +18,8 @@ from rlbench.errors import (
     WeightsNotAvailable,
 )
 from rlbench.registry import REWARDS
-from rlbench.reward import CheckedReward, RewardOutput, make_reward, reward_card
+from rlbench.reward import CheckedReward, RewardOutput, reward_card
+from rlbench.registry import make_reward
 
 
 def _nan(images, prompts, metadata):

@@ -12,8 +12,8 @@ from PIL import Image
 from helpers import random_images
 from rlbench.config import TrainConfig
 from rlbench.errors import RunDirError
-from rlbench.images import load_image, load_images
-from rlbench.rundir import METRIC_KEYS, RunDir, atomic_write_text
+from rlbench.utils.images import load_image, load_images
+from rlbench.train.rundir import METRIC_KEYS, RunDir, atomic_write_text
 
 
 def metrics(epoch: int, **extra) -> dict:

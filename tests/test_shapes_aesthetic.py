@@ -12,7 +12,8 @@ import torch
 
 from rlbench.checker import check_reward
 from rlbench.errors import WeightsNotAvailable
-from rlbench.reward import make_reward, reward_card
+from rlbench.registry import make_reward
+from rlbench.reward import reward_card
 from rlbench.rewards.shapes_aesthetic import ShapesAesthetic, ShapesAestheticGold
 from rlbench.shapes import aesthetic
 from rlbench.shapes.train_proxies import main as train_main

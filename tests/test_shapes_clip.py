@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from rlbench.checker import check_reward
 from rlbench.errors import WeightsNotAvailable
-from rlbench.reward import make_reward, reward_card
+from rlbench.registry import make_reward
+from rlbench.reward import reward_card
 from rlbench.rewards import shapes_clip as shapes_clip_module
 from rlbench.rewards.shapes_clip import ShapesCLIP
 from rlbench.shapes import clip_train

@@ -40,7 +40,7 @@ def test_world_batches_are_the_same_with_worker_processes():
 
 
 def test_pretraining_writes_a_loadable_diffusers_folder(pretrained):
-    from rlbench.policy import load_policy
+    from rlbench.diffusion.policy import load_policy
 
     meta = json.loads((pretrained / "pretrain.json").read_text())
     assert meta["steps"] == 3
@@ -52,7 +52,7 @@ def test_pretraining_writes_a_loadable_diffusers_folder(pretrained):
 
 
 def test_quality_table_reports_matching_and_mismatched(pretrained):
-    from rlbench.policy import load_policy
+    from rlbench.diffusion.policy import load_policy
     from rlbench.shapes.quality import quality_table
 
     table = quality_table(load_policy(str(pretrained)), splits=["train"], n=4, num_steps=2)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlbench.bertscore import BERTScorer
+from rlbench.nets.bertscore import BERTScorer
 from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.reward import make_reward
+from rlbench.registry import make_reward
 from rlbench.rewards import shapes_vlm_bertscore as module
 from rlbench.rewards.shapes_vlm_bertscore import ShapesVLMBERTScore, agreement_pairs, gold_agreement
 from rlbench.shapes.clip_train import shipped_clip, spearman

@@ -1,7 +1,7 @@
-"""``vlm-bertscore`` (DDPO's alignment reward) and rlbench.vlm's describers, on a tiny random LLaVA.
+"""``vlm-bertscore`` (DDPO's alignment reward) and rlbench.nets.vlm's describers, on a tiny random LLaVA.
 
 The in-process describer runs the REAL classes (LlavaForConditionalGeneration, LlavaProcessor) with a
-tiny random config saved in the llava-hf on-disk layout (:func:`rlbench.vlm.write_tiny_llava`); the
+tiny random config saved in the llava-hf on-disk layout (:func:`rlbench.nets.vlm.write_tiny_llava`); the
 endpoint describer talks to a stdlib http.server fake on 127.0.0.1. BERTScore runs on the real
 shipped all-MiniLM-L6-v2.
 """
@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rlbench.bertscore import BERTScorer
+from rlbench.nets.bertscore import BERTScorer
 from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.reward import make_reward
+from rlbench.registry import make_reward
 from rlbench.rewards.vlm_bertscore import QUESTION, REFERENCE, VLMBERTScore
-from rlbench.vlm import EndpointDescriber, TransformersDescriber, VLMEndpointError, is_loopback, write_tiny_llava
+from rlbench.nets.vlm import EndpointDescriber, TransformersDescriber, VLMEndpointError, is_loopback, write_tiny_llava
 
 PROMPTS = ["a cat riding a bike", "two red circles left of a blue square", "a dog", "a pig washing the dishes",
            "three green triangles"]
@@ -351,7 +351,7 @@ def test_only_loopback_hosts_unless_allowed() -> None:
 
 
 def test_to_uint8_matches_ddpo_quantisation() -> None:
-    from rlbench.vlm import to_uint8_hwc
+    from rlbench.nets.vlm import to_uint8_hwc
 
     x = torch.tensor([0.0, 0.5 / 255, 1.5 / 255, 0.999, 1.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
     got = to_uint8_hwc(x.contiguous())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlbench.testing import _bytes_to_unicode  # the GPT-2/CLIP byte map, one copy
+from rlbench.utils.bpe import bytes_to_unicode  # the GPT-2/CLIP byte map, one copy
 
 # OpenAI CLIP normalisation as written in the hub repos' preprocessor_config.json
 # (openai/clip-vit-large-patch14, laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
@@ -59,7 +59,7 @@ def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None
 
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)

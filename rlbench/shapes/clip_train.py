@@ -58,8 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlbench.hf_quiet import no_progress_bars
-from rlbench.stats import spearman  # noqa: F401 - re-exported for the proxies' tests
+from rlbench.utils.hf import no_progress_bars
+from rlbench.utils.stats import spearman  # noqa: F401 - re-exported for the proxies' tests
 from rlbench.shapes.model import MAX_TOKENS, vocabulary, write_tokenizer
 from rlbench.shapes.vocab import IMAGE_SIZE
 

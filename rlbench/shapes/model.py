@@ -3,7 +3,7 @@
 A pixel-space diffusers ``UNet2DConditionModel`` (32x32 RGB, no VAE) conditioned on a tiny
 ``CLIPTextModel`` over a word-level CLIP BPE vocabulary learnt from the world's captions (any other
 text still tokenises, byte by byte). Everything is saved in the diffusers folder layout, so
-:meth:`rlbench.policy.DiffusionPolicy.from_pretrained` loads it like any Stable Diffusion folder.
+:meth:`rlbench.diffusion.policy.DiffusionPolicy.from_pretrained` loads it like any Stable Diffusion folder.
 
 Pretraining is plain DDPM epsilon-prediction on rendered (image, caption) pairs of the training
 prompts only (held-out prompts stay unseen by the whole pipeline), with 10 % of captions dropped
@@ -83,9 +83,9 @@ def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     ties by hash order, which changes from process to process). Symbols are CLIP's byte-to-unicode
     characters with ``</w>`` on each word's last one.
     """
-    from rlbench.testing import _bytes_to_unicode
+    from rlbench.utils.bpe import bytes_to_unicode
 
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     seqs = []
     for w in sorted({w.lower() for w in words}):
         syms = [b2u[b] for b in w.encode("utf-8")]
@@ -120,7 +120,7 @@ def write_tokenizer(folder: Path, words: Iterable[str]) -> None:
     """
     from transformers import CLIPTokenizer
 
-    from rlbench.testing import byte_level_vocab
+    from rlbench.utils.bpe import byte_level_vocab
 
     merges = learn_merges(words)
     bos, eos = "<|startoftext|>", "<|endoftext|>"
@@ -165,7 +165,7 @@ def save_components(folder: Path, comps: dict[str, Any], words: Iterable[str]) -
     comps["text_encoder"].save_pretrained(folder / "text_encoder", safe_serialization=True)
     write_tokenizer(folder / "tokenizer", words)
     comps["scheduler"].save_pretrained(folder / "scheduler")
-    from rlbench.policy import RLBENCH_MODEL_FILE
+    from rlbench.diffusion.policy import RLBENCH_MODEL_FILE
 
     meta = {"pixel_shuffle": PIXEL_SHUFFLE, "default_prompts": "shapes-train"}
     (folder / RLBENCH_MODEL_FILE).write_text(json.dumps(meta, indent=2))
@@ -301,7 +301,7 @@ def shipped_weights() -> Path:
 def load_shapes_model(revision: str = ""):
     """The embedded default model (``--model shapes``): text-to-image on the shapes world, 32x32 px."""
     from rlbench.errors import ConfigError, WeightsNotAvailable
-    from rlbench.policy import DiffusionPolicy
+    from rlbench.diffusion.policy import DiffusionPolicy
 
     if revision:
         raise ConfigError("the shapes model ships with rlbench and has no revisions; drop model.revision.")

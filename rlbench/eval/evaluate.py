@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from rlbench.errors import InputError, RunDirError
-from rlbench.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from rlbench.train.rundir import RunDir, atomic_write_bytes, atomic_write_text
 
 SCORE_COLUMNS = ["run", "checkpoint", "prompt_split", "prompt", "seed", "reward", "score"]
 
@@ -49,8 +49,8 @@ def score_runs(
     progress: Any = None,
 ) -> pd.DataFrame:
     """Score every logged sample image of ``runs`` with ``rewards`` (default: each run's own reward)."""
-    from rlbench.images import load_images
-    from rlbench.reward import make_reward
+    from rlbench.utils.images import load_images
+    from rlbench.registry import make_reward
 
     cache: dict[tuple[str, str], Any] = {}
     rows: list[dict[str, Any]] = []

@@ -96,14 +96,3 @@ class WeightedSum(Reward):
             parts[name] = s
             total = weight * s if total is None else total + weight * s
         return RewardOutput(total.float(), {"components": parts})
-
-
-def make_weighted_sum(spec: str, options: Mapping[str, Any]) -> CheckedReward:
-    from rlbench.reward import make_reward
-
-    pairs = parse_spec(spec)
-    routed = split_options([n for n, _ in pairs], options)
-    components = [(name, w, make_reward(name, **routed[name])) for name, w in pairs]
-    combined = WeightedSum(components)
-    return CheckedReward(combined, name=combined.spec, origin="combined",
-                         target=", ".join(f"{n}={c.card.target or c.card.origin}" for n, _, c in components))

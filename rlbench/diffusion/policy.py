@@ -22,6 +22,7 @@ import torch
 
 from rlbench.diffusion.ddim import ddim_step_with_logprob
 from rlbench.errors import ConfigError, UnknownNameError, WeightsNotAvailable
+from rlbench.registry import MODELS
 
 
 RLBENCH_MODEL_FILE = "rlbench.json"  # optional model-folder metadata: pixel_shuffle, default_prompts
@@ -352,14 +353,8 @@ def _missing_weights_message(source: str, revision: str | None) -> str:
 
 def load_policy(name: str, revision: str = "") -> DiffusionPolicy:
     """A registered model name, a local diffusers folder, or a hub id (``org/name``)."""
-    from rlbench.registry import MODELS
-    from rlbench.reward import construct_plugin
-
     if name in MODELS:
-        policy = construct_plugin(MODELS.load(name), {"revision": revision} if revision else {}, kind="model", name=name)
-        if not isinstance(policy, DiffusionPolicy):
-            raise ConfigError(f"model '{name}' returned {type(policy).__name__}, not a DiffusionPolicy.")
-        return policy
+        return MODELS.make(name, {"revision": revision} if revision else {}, returns=DiffusionPolicy)
     path = Path(name).expanduser()
     if path.exists():
         return DiffusionPolicy.from_pretrained(path, name=str(path))
@@ -369,24 +364,6 @@ def load_policy(name: str, revision: str = "") -> DiffusionPolicy:
         MODELS.unknown_message(name) + " Or give a diffusers folder (with unet/, scheduler/, text_encoder/, "
         "tokenizer/) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
     )
-
-
-def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None) -> DiffusionPolicy:
-    """The policy of a run at checkpoint ``checkpoint`` (default: the latest): base model + trained weights."""
-    from rlbench.config import load_config
-    from rlbench.rundir import RunDir
-
-    run = RunDir.open(run_dir)
-    epochs = run.checkpoint_epochs()
-    if checkpoint is None:
-        checkpoint = epochs[-1] if epochs else None
-    if checkpoint is None or checkpoint not in epochs:
-        raise ConfigError(f"run {run.path} has no checkpoint {checkpoint}; it has {epochs or 'none'}.")
-    cfg = load_config(run.config_path)
-    policy = load_policy(cfg.model.name, cfg.model.revision)
-    policy.setup_training(cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
-    policy.load_state(run.checkpoint_dir(checkpoint))
-    return policy
 
 
 def _looks_like_hub_id(name: str) -> bool:

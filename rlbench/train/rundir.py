@@ -20,9 +20,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlbench.errors import RunDirError
+from rlbench.errors import ConfigError, RunDirError
+
+if TYPE_CHECKING:
+    from rlbench.diffusion.policy import DiffusionPolicy
 
 # Keys every metrics.jsonl record carries (DESIGN.md); algorithms may add more.
 METRIC_KEYS = (
@@ -167,7 +170,7 @@ class RunDir:
 
         Each record gets ``file``; callers give ``prompt``, ``seed``, ``reward`` and ``score``.
         """
-        from rlbench.images import save_grid, save_png
+        from rlbench.utils.images import save_grid, save_png
 
         final = self.samples_dir(epoch)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -247,3 +250,21 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def iter_run_dirs(paths: Iterable[str | Path]) -> list[RunDir]:
     return [RunDir.open(p) for p in paths]
+
+
+def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None) -> DiffusionPolicy:
+    """The policy of a run at checkpoint ``checkpoint`` (default: the latest): base model + trained weights."""
+    from rlbench.config import load_config
+    from rlbench.diffusion.policy import load_policy
+
+    run = RunDir.open(run_dir)
+    epochs = run.checkpoint_epochs()
+    if checkpoint is None:
+        checkpoint = epochs[-1] if epochs else None
+    if checkpoint is None or checkpoint not in epochs:
+        raise ConfigError(f"run {run.path} has no checkpoint {checkpoint}; it has {epochs or 'none'}.")
+    cfg = load_config(run.config_path)
+    policy = load_policy(cfg.model.name, cfg.model.revision)
+    policy.setup_training(cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
+    policy.load_state(run.checkpoint_dir(checkpoint))
+    return policy

@@ -3,18 +3,18 @@ pre-processing read from the folder's processor config, and chunked feature extr
 
 Used by ``aesthetic``, ``pickscore`` and ``clipscore`` (transformers ``CLIPModel``) and, for the
 options and chunking, by ``hpsv2`` (open_clip). Everything here works on local paths only; weights
-are resolved by :func:`rlbench.hub.resolve` before anything is loaded.
+are resolved by :func:`rlbench.weights.resolve` before anything is loaded.
 
-Two pre-processing paths (see :mod:`rlbench.preprocess`):
+Two pre-processing paths (see :mod:`rlbench.nets.preprocess`):
 
-* exact: :func:`~rlbench.preprocess.clip_pixels_exact` with ``hf=True`` — uint8 quantisation, PIL
+* exact: :func:`~rlbench.nets.preprocess.clip_pixels_exact` with ``hf=True`` — uint8 quantisation, PIL
   bicubic resize, floor centre crop, CLIP normalisation: the arithmetic of transformers' PIL image
   processor (``CLIPImageProcessor`` of transformers 4, ``CLIPImageProcessorPil`` of 5; equal to the
   last bit in rlbench's tests), which the published PickScore, ddpo-pytorch aesthetic and torchmetrics
   CLIPScore numbers were computed with.
   transformers 5's default torchvision backend of the same processor resizes differently (up to
   ~2/255 per pixel); rlbench keeps the PIL arithmetic so scores do not depend on the installed version.
-* differentiable: :func:`~rlbench.preprocess.clip_pixels` (float antialiased bicubic, same crop and
+* differentiable: :func:`~rlbench.nets.preprocess.clip_pixels` (float antialiased bicubic, same crop and
   normalisation), taken when gradients are wanted (:func:`wants_grad`).
 """
 
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.preprocess import clip_pixels, clip_pixels_exact
-from rlbench.reward import WeightsSpec
+from rlbench.nets.preprocess import clip_pixels, clip_pixels_exact
+from rlbench.weights import WeightsSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BICUBIC = 3  # PIL.Image.BICUBIC, the ``resample`` of every CLIP processor config used here

