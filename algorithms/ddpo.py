@@ -6,7 +6,13 @@ per trained timestep and accumulates gradients, as kvablack/ddpo-pytorch scripts
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option
+from rlbench.errors import ConfigError
+from rlbench.train.advantages import PerPromptStatTracker, batch_normalize
 
 # kvablack/ddpo-pytorch config/base.py `train.clip_range` (also trl DDPOConfig, paper Table D.5).
 CLIP_RANGE = 1e-4
@@ -70,13 +76,6 @@ def score_function_loss(
 
 # -- the algorithm plugins ---------------------------------------------------------------------------
 
-from dataclasses import dataclass  # noqa: E402
-
-from rlbench.train.advantages import batch_normalize  # noqa: E402
-from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option  # noqa: E402
-from rlbench.errors import ConfigError  # noqa: E402
-
-
 class _DDPO(Algorithm):
     """Shared update loop of DDPO-IS and DDPO-SF (kvablack/ddpo-pytorch scripts/train.py L444-590).
 
@@ -88,18 +87,30 @@ class _DDPO(Algorithm):
     micro-batches x all trained steps.
     """
 
+    def __init__(self, options, config) -> None:
+        super().__init__(options, config)
+        adv = config.advantage
+        # The [advantage] section configures this tracker; it lives here because only DDPO reads it.
+        self.tracker = PerPromptStatTracker(adv.buffer_size, adv.min_count) if adv.per_prompt else None
+
     @classmethod
-    def validate(cls, config, options) -> list[str]:
+    def validate(cls, config, options) -> None:
         if config.sample.eta <= 0:
             raise ConfigError(
                 f"{cls.name} needs a stochastic policy: sample.eta must be > 0 (paper: 1.0), got {config.sample.eta}."
             )
-        return []
 
-    def advantages(self, rewards: torch.Tensor, prompts: list[str], tracker) -> torch.Tensor:
-        if self.config.advantage.per_prompt:
-            return tracker.update(prompts, rewards)
+    def advantages(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if self.tracker is not None:
+            return self.tracker.update(prompts, rewards)
         return batch_normalize(rewards)
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict()} if self.tracker is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state["tracker"])
 
     def loss(self, log_prob, old_log_prob, advantages):
         raise NotImplementedError
@@ -110,6 +121,8 @@ class _DDPO(Algorithm):
         window = max(1, int(steps * cfg.train.timestep_window))  # the first (noisiest) steps; all by default
         n_train = max(1, int(window * cfg.train.timestep_fraction))
         mb, acc = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
+        chunks = step_chunks(n_train, mb, forward_batch_limit(cfg, policy.device))
+        guidance = cfg.sample.guidance_scale if cfg.train.cfg else 1.0
         sums = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         count = 0
         for _ in range(cfg.train.num_inner_epochs):
@@ -119,27 +132,56 @@ class _DDPO(Algorithm):
             n_micro = n // mb
             for m in range(n_micro):
                 idx = order[m * mb : (m + 1) * mb]
-                perm = tperm[m * mb : (m + 1) * mb].to(batch.latents.device)
+                perm = tperm[m * mb : (m + 1) * mb, :n_train].to(batch.latents.device)
                 rows = idx.to(batch.latents.device)[:, None]
-                x_t = batch.latents[rows, perm]  # (mb, T, C, h, w)
+                x_t = batch.latents[rows, perm]  # (mb, n_train, C, h, w)
                 x_next = batch.latents[rows, perm + 1]
                 old_lp = batch.log_probs[rows, perm]
                 ts = batch.timesteps[perm]
                 embeds = batch.prompt_embeds[idx.to(batch.prompt_embeds.device)]
                 adv = batch.advantages[idx.to(batch.advantages.device)]
-                for j in range(n_train):
+                # The reference takes one UNet call per trained step (j below); several steps go in one
+                # call here. The weights do not change within a micro-batch and the loss is a mean, so
+                # chunk c's loss weighted by its share k/n_train sums to exactly the per-step losses'
+                # sum / n_train: the same gradient, far fuller batches (tests/test_algorithms.py).
+                for c, (j0, k) in enumerate(chunks):
+                    cut = slice(j0, j0 + k)
                     log_prob = policy.step_log_prob(
-                        x_t[:, j], ts[:, j], x_next[:, j], embeds, batch.neg_embeds,
-                        cfg.sample.guidance_scale if cfg.train.cfg else 1.0, cfg.sample.eta,
+                        x_t[:, cut].flatten(0, 1), ts[:, cut].flatten(), x_next[:, cut].flatten(0, 1),
+                        embeds.repeat_interleave(k, dim=0), batch.neg_embeds, guidance, cfg.sample.eta,
                     )
-                    loss, info = self.loss(log_prob, old_lp[:, j], adv)
-                    sync = (m + 1) % acc == 0 and j == n_train - 1
-                    ctx.backward(loss / (acc * n_train), sync=sync)
-                    sums["loss"] += float(loss.detach())
-                    sums["approx_kl"] += float(info["approx_kl"])
-                    sums["clipfrac"] += float(info["clipfrac"])
-                    count += 1
+                    loss, info = self.loss(log_prob, old_lp[:, cut].flatten(), adv.repeat_interleave(k))
+                    sync = (m + 1) % acc == 0 and c == len(chunks) - 1
+                    ctx.backward(loss * (k / (acc * n_train)), sync=sync)
+                    # Per-step means, as the reference logs them: a chunk's mean stands for its k steps.
+                    sums["loss"] += float(loss.detach()) * k
+                    sums["approx_kl"] += float(info["approx_kl"]) * k
+                    sums["clipfrac"] += float(info["clipfrac"]) * k
+                    count += k
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def forward_batch_limit(cfg, device) -> int:
+    """(sample, step) pairs per UNet call in an update: ``train.max_forward_batch``, or when 0 (auto)
+    every trained step of a micro-batch on a CPU and one step per call on an accelerator (memory)."""
+    limit = cfg.train.max_forward_batch
+    if limit > 0:
+        return limit
+    return 1 << 30 if torch.device(device).type == "cpu" else cfg.train.batch_size
+
+
+def step_chunks(n_train: int, micro_batch: int, limit: int) -> list[tuple[int, int]]:
+    """Split ``n_train`` trained steps into (first step, steps) chunks of at most ``limit // micro_batch``
+    steps (at least one), as even as possible."""
+    per_call = max(1, min(n_train, limit // micro_batch))
+    n_chunks = -(-n_train // per_call)
+    base, extra = divmod(n_train, n_chunks)
+    out, j0 = [], 0
+    for c in range(n_chunks):
+        k = base + (c < extra)
+        out.append((j0, k))
+        j0 += k
+    return out
 
 
 class DDPOIS(_DDPO):
@@ -176,7 +218,19 @@ class DDPOSF(_DDPO):
                 raise ValueError(f"adv_clip_max must be > 0, got {self.adv_clip_max}")
 
     @classmethod
-    def validate(cls, config, options) -> list[str]:
+    def adjust(cls, config, options) -> tuple[dict, list[str]]:
+        # One optimizer step per epoch: accumulate over every micro-batch of the epoch.
+        if config.train.batch_size <= 0 or config.samples_per_epoch <= 0:
+            return {}, []  # invalid sizes: validation names them
+        need = config.samples_per_epoch // config.train.batch_size
+        if config.train.gradient_accumulation_steps == need:
+            return {}, []
+        return ({"train.gradient_accumulation_steps": need},
+                [f"ddpo-sf: train.gradient_accumulation_steps set to {need} so that one optimizer step "
+                 f"uses all {config.samples_per_epoch} samples of the epoch (paper Table D.5: 256 x 1)."])
+
+    @classmethod
+    def validate(cls, config, options) -> None:
         super().validate(config, options)
         # The score-function estimator is only unbiased on fresh samples: one step per epoch, ratio = 1.
         if config.train.num_inner_epochs != 1:
@@ -184,12 +238,6 @@ class DDPOSF(_DDPO):
                 f"ddpo-sf takes exactly one gradient step per epoch on fresh samples: set "
                 f"train.num_inner_epochs = 1 (got {config.train.num_inner_epochs}), or use ddpo-is."
             )
-        need = config.samples_per_epoch // config.train.batch_size
-        if config.train.gradient_accumulation_steps != need:
-            config.train.gradient_accumulation_steps = need
-            return [f"ddpo-sf: train.gradient_accumulation_steps set to {need} so that one optimizer step "
-                    f"uses all {config.samples_per_epoch} samples of the epoch (paper Table D.5: 256 x 1)."]
-        return []
 
     def loss(self, log_prob, old_log_prob, advantages):
         loss = score_function_loss(log_prob, advantages, self.options.adv_clip_max)

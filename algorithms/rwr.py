@@ -9,10 +9,13 @@ RWR-sparse keeps only samples at or above a reward percentile and trains them un
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option
+from rlbench.errors import ConfigError
 from rlbench.train.advantages import RewardsLike, as_float64, to_output
 
 # Paper Table D.5 "inverse temperature 0.2"; jannerm/ddpo finetune.py `temperature=1/5`, applied
@@ -88,12 +91,6 @@ def weighted_denoising_loss(
 
 # -- the algorithm plugins ---------------------------------------------------------------------------
 
-from dataclasses import dataclass  # noqa: E402
-
-from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option  # noqa: E402
-from rlbench.errors import ConfigError  # noqa: E402
-
-
 class _RWRBase(Algorithm):
     """Shared update of the RWR family: weighted denoising regression on the epoch's own samples.
 
@@ -105,7 +102,7 @@ class _RWRBase(Algorithm):
     trains_on_trajectory = False
 
     @classmethod
-    def validate(cls, config, options) -> list[str]:
+    def validate(cls, config, options) -> None:
         # The loss needs no log-probs, but the sampler records the stochastic DDIM policy's
         # trajectory and log-probs, which have no density at eta = 0: fail here, before any compute.
         if config.sample.eta <= 0:
@@ -113,7 +110,6 @@ class _RWRBase(Algorithm):
                 f"{cls.name} samples with the stochastic DDIM policy: sample.eta must be > 0 "
                 f"(paper: 1.0), got {config.sample.eta}."
             )
-        return []
 
     def update(self, policy, batch: TrainBatch, ctx: UpdateContext) -> dict[str, float | None]:
         cfg = self.config
@@ -155,7 +151,7 @@ class RWR(_RWRBase):
             if not self.beta >= 0:
                 raise ValueError(f"beta must be >= 0, got {self.beta}")
 
-    def advantages(self, rewards: torch.Tensor, prompts: list[str], tracker) -> torch.Tensor:
+    def advantages(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return rwr_weights(rewards, prompts if self.options.per_prompt else None, self.options.beta).float()
 
 
@@ -173,7 +169,7 @@ class SparseRWR(_RWRBase):
             if not 0.0 <= self.percentile <= 100.0:
                 raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
 
-    def advantages(self, rewards: torch.Tensor, prompts: list[str], tracker) -> torch.Tensor:
+    def advantages(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         # Kept samples get weight N / n_kept, dropped ones 0: the weighted loss then equals the plain
         # mean loss over kept samples, while every process runs the same number of micro-steps (DDP).
         mask = sparse_mask(rewards, prompts if self.options.per_prompt else None, self.options.percentile)

@@ -2,7 +2,7 @@
 
     python benchmarks/zoo_clip.py [--n 64] [--size 256] [--batch-size 32] [--threads 1] [--rewards aesthetic,...]
 
-Runs on the tiny seeded stand-ins of the tests (``tests/zoo_fixtures.py``: the real architecture
+Runs on the tiny seeded stand-ins of the tests (``rlbench.testing``: the real architecture
 classes with tiny configs, same pre-processing at 224 px), so it needs no downloads; it measures the
 reward's own overhead (pre-processing, tokenisation, chunking, per-call work) rather than the speed
 of the real ViT-L/H towers. "batched" is one reward call on all images (chunks of ``--batch-size``);
@@ -13,24 +13,20 @@ path; the text tower runs once per distinct prompt in both.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from zoo_fixtures import (  # noqa: E402 - the tiny builders live with the tests
+from rlbench.benchmarks.timing import best_of
+from rlbench.registry import make_reward
+from rlbench.testing import (
     TINY_OPEN_CLIP_NAME,
     aesthetic_mlp_state_dict,
     smooth_images,
     tiny_hf_clip,
     tiny_hps_checkpoint,
 )
-
-from rlbench.benchmarks.timing import best_of  # noqa: E402
-from rlbench.registry import make_reward  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "an oil painting of a lighthouse",
            "a bowl of soup on a wooden table", "an astronaut riding a horse", "a neon sign that says hello",

@@ -8,7 +8,7 @@ Measures, on this CPU, images/s of
   renders nearest-upscaled to ``--size``;
 * the BERTScore step alone (``rlbench.nets.bertscore.BERTScorer``, MiniLM, recall of answer vs
   "The image contains {prompt}");
-* the in-process VLM describer on a tiny random LLaVA (``rlbench.nets.vlm.write_tiny_llava``);
+* the in-process VLM describer on a tiny random LLaVA (``rlbench.testing.write_tiny_llava``);
 
 each batched (``batch_size``) and in a loop over single images, with the BERTScore token-state
 cache off so both paths encode every sentence. Then the Spearman correlation of
@@ -45,7 +45,8 @@ def main() -> None:
     from rlbench.nets.bertscore import BERTScorer
     from rlbench.rewards.shapes_vlm_bertscore import ShapesVLMBERTScore, agreement_pairs, gold_agreement
     from rlbench.rewards.vlm_bertscore import QUESTION
-    from rlbench.nets.vlm import TransformersDescriber, write_tiny_llava
+    from rlbench.nets.vlm import TransformersDescriber
+    from rlbench.testing import write_tiny_llava
 
     n, bs = args.n, args.batch_size
     images, prompts, _ = agreement_pairs(n, seed=123)
@@ -81,7 +82,7 @@ def main() -> None:
 
     if args.agreement:
         from rlbench.rewards.shapes_clip import ShapesCLIP
-        from rlbench.shapes.clip_train import spearman
+        from rlbench.utils.stats import spearman
 
         for seed in (0, 1):
             rho = gold_agreement(ShapesVLMBERTScore(), args.agreement, seed)

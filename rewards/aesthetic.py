@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlbench.nets import clip as cm
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.weights import resolve
+from rlbench.nets import clip as cm
+from rlbench.nets.options import parse_batch_size, parse_device, parse_dtype
 from rlbench.reward import Reward
-from rlbench.weights import WeightsSpec
+from rlbench.weights import WeightsSpec, resolve
 
 # improved-aesthetic-predictor simple_inference.py MLP: 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts in between.
 MLP_DIMS = (768, 1024, 128, 64, 16, 1)
@@ -44,7 +44,6 @@ MLP_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", 
 # sha256 from the rlbench reference (byte-identical to ddpo-pytorch ddpo_pytorch/assets/).
 MLP_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 MLP_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
-
 
 
 class AestheticMLP(nn.Module):
@@ -126,23 +125,23 @@ class Aesthetic(Reward):
                    "over all unit embeddings")
     paper = ("LAION-Aesthetics predictor v2, Schuhmann 2022 (github.com/christophschuhmann/improved-aesthetic-"
              "predictor); CLIP, Radford et al. 2021, arXiv:2103.00020; DDPO, Black et al. 2023, arXiv:2305.13301")
-    weights = (
+    weights_spec = (
         WeightsSpec(source=MLP_URL, sha256=MLP_SHA256, license="Apache-2.0", option="weights"),
         WeightsSpec(source="openai/clip-vit-large-patch14", license="MIT", option="clip", allow_patterns=cm.HF_CLIP_FILES),
     )
 
     def __init__(self, weights: str | Path | None = None, clip: str | Path | None = None, device: str = "cpu",
                  dtype: str = "float32", batch_size: int = 32) -> None:
-        self.device = cm.parse_device(device)
-        self.dtype = cm.parse_dtype(dtype)
-        self.batch_size = cm.parse_batch_size(batch_size)
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.batch_size = parse_batch_size(batch_size)
         self.overrides = {"weights": weights, "clip": clip}
-        self.weights = cm.used_specs(type(self).weights, self.overrides)  # the card names what is used
+        self.weights_in_use = cm.used_specs(self.weights_spec, self.overrides)  # the card names what is used
         self._clip = self._mlp = self._pixels = None
 
     def _load(self):
         if self._clip is None:
-            mlp_spec, clip_spec = type(self).weights
+            mlp_spec, clip_spec = self.weights_spec
             mlp = load_mlp(resolve(mlp_spec, reward=self.name, override=self.overrides["weights"]))
             folder = resolve(clip_spec, reward=self.name, override=self.overrides["clip"])
             pixels = cm.PixelSpec.from_folder(folder, "clip")

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from rlbench.nets import clip as cm
-from rlbench.weights import resolve
+from rlbench.nets.options import parse_batch_size, parse_device, parse_dtype
 from rlbench.reward import Reward, RewardOutput
-from rlbench.weights import WeightsSpec
+from rlbench.weights import WeightsSpec, resolve
 
 SCALE = 100.0  # torchmetrics clip_score.py: score = 100 * (img * txt).sum(-1)
 
@@ -56,21 +56,21 @@ class CLIPScore(Reward):
     score_range = "[0, 100]; typical ~20-35 (noise vs a caption ~20-25)"
     paper = ("Hessel et al. 2021, CLIPScore, arXiv:2104.08718, in torchmetrics' form (x100, no 2.5 weight); "
              "CLIP, Radford et al. 2021, arXiv:2103.00020")
-    weights = WeightsSpec(source="openai/clip-vit-large-patch14", license="MIT", option="weights",
-                          allow_patterns=cm.HF_CLIP_FILES)
+    weights_spec = WeightsSpec(source="openai/clip-vit-large-patch14", license="MIT", option="weights",
+                               allow_patterns=cm.HF_CLIP_FILES)
 
     def __init__(self, weights: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 32) -> None:
-        self.device = cm.parse_device(device)
-        self.dtype = cm.parse_dtype(dtype)
-        self.batch_size = cm.parse_batch_size(batch_size)
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.batch_size = parse_batch_size(batch_size)
         self.override = weights
-        self.weights = cm.used_specs((type(self).weights,), {"weights": weights})[0]
+        self.weights_in_use = cm.used_specs((self.weights_spec,), {"weights": weights})[0]
         self._model = self._tokenizer = self._pixels = None
 
     def _load(self):
         if self._model is None:
-            folder = resolve(type(self).weights, reward=self.name, override=self.override)
+            folder = resolve(self.weights_spec, reward=self.name, override=self.override)
             self._model, self._tokenizer, self._pixels = cm.load_hf_clip_with_processor(
                 folder, folder, processor_option="weights", device=self.device, dtype=self.dtype)
         return self._model, self._tokenizer, self._pixels

@@ -29,12 +29,13 @@ from typing import Any
 
 import torch
 
-from rlbench.nets import clip as cm
 from rlbench.errors import ConfigError, DependencyNotInstalled, WeightsNotAvailable
-from rlbench.weights import resolve
+from rlbench.nets import clip as cm
+from rlbench.nets.options import parse_batch_size, parse_device, parse_dtype
 from rlbench.nets.preprocess import CLIP_MEAN, CLIP_SIZE, CLIP_STD, clip_pixels
 from rlbench.reward import Reward
-from rlbench.weights import WeightsSpec
+from rlbench.utils.images import quantize
+from rlbench.weights import WeightsSpec, resolve
 
 # hpsv2/utils.py hps_version_map
 HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt"}
@@ -56,7 +57,7 @@ def hps_pixels(images: torch.Tensor) -> torch.Tensor:
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    x = (images.detach().float().clamp(0, 1) * 255).round() / 255  # PIL image -> ToTensor
+    x = quantize(images) / 255  # PIL image -> ToTensor
     x = TF.resize(x, CLIP_SIZE, interpolation=InterpolationMode.BICUBIC, antialias=True)
     x = TF.center_crop(x, CLIP_SIZE)
     return TF.normalize(x, CLIP_MEAN, CLIP_STD)
@@ -109,7 +110,7 @@ class HPSv2(Reward):
                    "x100; comparable only between images of the same prompt and version")
     paper = ("Wu et al. 2023, Human Preference Score v2: A Solid Benchmark for Evaluating Human Preferences of "
              "Text-to-Image Synthesis, arXiv:2306.09341")
-    weights = WeightsSpec(source=HPS_REPO, filename=HPS_FILES["v2.1"], license="Apache-2.0", option="weights")
+    weights_spec = WeightsSpec(source=HPS_REPO, filename=HPS_FILES["v2.1"], license="Apache-2.0", option="weights")
 
     def __init__(self, weights: str | Path | None = None, version: str = "v2.1", arch: str = DEFAULT_ARCH,
                  device: str = "cpu", dtype: str = "float32", batch_size: int = 32) -> None:
@@ -120,28 +121,32 @@ class HPSv2(Reward):
             raise ConfigError(f"arch {arch!r} is not an open_clip model config (open_clip.list_models()); "
                               f"HPSv2 checkpoints are {DEFAULT_ARCH!r}.")
         self.hps_version, self.arch = version, arch
-        self.device = cm.parse_device(device)
-        self.dtype = cm.parse_dtype(dtype)
-        self.batch_size = cm.parse_batch_size(batch_size)
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.batch_size = parse_batch_size(batch_size)
         self.override = weights
-        self.spec = replace(type(self).weights, filename=HPS_FILES[version])
-        self.weights = cm.used_specs((self.spec,), {"weights": weights})[0]
+        self.weights_in_use = cm.used_specs((self._version_spec(),), {"weights": weights})[0]
         self._model = self._tokenizer = None
 
+    def _version_spec(self) -> WeightsSpec:
+        """The declared spec with the file of the chosen version (what is resolved, overrides aside)."""
+        return replace(self.weights_spec, filename=HPS_FILES[self.hps_version])
+
     def _resolve(self) -> Path:
+        spec = self._version_spec()
         try:
-            path = resolve(self.spec, reward=self.name, override=self.override)
+            path = resolve(spec, reward=self.name, override=self.override)
         except WeightsNotAvailable as exc:
-            if self.spec.filename == type(self).weights.filename:
+            if spec.filename == self.weights_spec.filename:
                 raise
             raise WeightsNotAvailable(
                 f"{exc} (`rlbench rewards download {self.name}` fetches the default {HPS_FILES['v2.1']}; for "
-                f"version {self.hps_version} fetch `hf download {HPS_REPO} {self.spec.filename}`.)"
+                f"version {self.hps_version} fetch `hf download {HPS_REPO} {spec.filename}`.)"
             ) from exc
         if path.is_dir():  # a hub repo id given as override: its snapshot folder
-            path = path / self.spec.filename
+            path = path / spec.filename
             if not path.is_file():
-                raise WeightsNotAvailable(f"weights={self.override!r} holds no {self.spec.filename}.")
+                raise WeightsNotAvailable(f"weights={self.override!r} holds no {spec.filename}.")
         return path
 
     def _load(self):

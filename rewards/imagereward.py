@@ -30,14 +30,12 @@ from typing import Any
 
 import torch
 
-from rlbench.nets.blip import MAX_LENGTH, SCORE_MEAN, SCORE_STD, BlipRewardConfig, ImageRewardModel, load_official
 from rlbench.errors import WeightsNotAvailable
-from rlbench.weights import resolve
+from rlbench.nets.blip import MAX_LENGTH, SCORE_MEAN, SCORE_STD, BlipRewardConfig, ImageRewardModel, load_official
+from rlbench.nets.options import parse_batch_size, parse_device, parse_dtype
 from rlbench.nets.preprocess import clip_pixels, clip_pixels_exact
 from rlbench.reward import Reward, RewardOutput
-from rlbench.weights import WeightsSpec
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from rlbench.weights import WeightsSpec, resolve
 
 # ImageReward/utils.py: hf_hub_download(repo_id="THUDM/ImageReward", filename="ImageReward.pt"); apache-2.0
 # (HF card). Revision: the snapshot id of that repo seen in public HF caches (not given by the reference).
@@ -98,24 +96,17 @@ class ImageReward(Reward):
     score_range = "(-inf, inf), about N(0, 1) on generated images (README example: -2.03 ... 0.58)"
     paper = ("Xu et al. 2023, ImageReward: Learning and Evaluating Human Preferences for Text-to-Image "
              "Generation, NeurIPS 2023, arXiv:2304.05977")
-    weights = (MODEL_SPEC, TOKENIZER_SPEC)
+    weights_spec = (MODEL_SPEC, TOKENIZER_SPEC)
 
     def __init__(self, weights: str | Path | None = None, tokenizer: str | Path | None = None, device: str = "cpu",
                  dtype: str = "float32", batch_size: int = 32, config: Mapping[str, Any] | None = None) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device {device!r} is not a torch device: {exc}") from exc
+        self.dtype = parse_dtype(dtype)
+        self.batch_size = parse_batch_size(batch_size)
+        self.device = parse_device(device)
         self.cfg = BlipRewardConfig.from_options(config)
-        self.dtype = DTYPES[dtype]
-        self.batch_size = int(batch_size)
         self.weights_override, self.tokenizer_override = weights, tokenizer
         if weights is not None or tokenizer is not None:  # the card names the weights actually used
-            self.weights = (_in_use(MODEL_SPEC, weights), _in_use(TOKENIZER_SPEC, tokenizer))
+            self.weights_in_use = (_in_use(MODEL_SPEC, weights), _in_use(TOKENIZER_SPEC, tokenizer))
         self._model: ImageRewardModel | None = None
         self._tokenizer = None
 

@@ -1,8 +1,9 @@
 """JPEG (in)compressibility, exactly as in the DDPO paper (Black et al. 2023, §5.1).
 
-The image is quantised as ``(x * 255).round().clamp(0, 255)`` to uint8, encoded by PIL as JPEG at
-quality 95 (PIL's other defaults: 4:2:0 chroma subsampling, no optimisation), and the reward is the
-file size in kB (bytes / 1000): ``incompressibility``. ``compressibility`` is its negative.
+The image is quantised as ``(x * 255).round().clamp(0, 255)`` to uint8 (:func:`rlbench.utils.images.to_uint8`),
+encoded by PIL as JPEG at quality 95 (PIL's other defaults: 4:2:0 chroma subsampling, no optimisation),
+and the reward is the file size in kB (bytes / 1000): ``incompressibility``. ``compressibility`` is its
+negative.
 Source: kvablack/ddpo-pytorch ``ddpo_pytorch/rewards.py::jpeg_incompressibility``.
 """
 
@@ -19,27 +20,31 @@ import torch
 from PIL import Image
 
 from rlbench.reward import Reward, RewardOutput
+from rlbench.utils.images import to_uint8
 
 JPEG_QUALITY = 95  # ddpo-pytorch rewards.py: image.save(buffer, format="JPEG", quality=95)
 BYTES_PER_KB = 1000  # ddpo-pytorch: buffer.tell() / 1000
 
 
-def quantize(image: torch.Tensor) -> np.ndarray:
-    """One (3,H,W) float image in [0,1] -> (H,W,3) uint8, as ``(x*255).round().clamp(0,255)``.
-
-    Done per image, in place on one temporary, inside the encoding threads: quantising a whole
-    256x3x512x512 batch at once allocates several 800 MB temporaries and took longer than encoding.
-    """
-    q = image.detach().to("cpu", torch.float32).mul(255)
-    q.round_().clamp_(0, 255)
-    return q.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-
-
-def jpeg_size(image: torch.Tensor) -> int:
-    """Bytes of the quality-95 JPEG encoding of one (3,H,W) image in [0,1]."""
+def jpeg_size(image: np.ndarray) -> int:
+    """Bytes of the quality-95 JPEG encoding of one image: (3, H, W) float in [0, 1] (quantised here, with
+    numpy only, by :func:`rlbench.utils.images.to_uint8`) or (H, W, 3) uint8 (quantised already)."""
+    if image.dtype != np.uint8:
+        image = to_uint8(image, layout="hwc")
     buffer = io.BytesIO()
-    Image.fromarray(quantize(image)).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.tell()
+
+
+def _per_image(images: torch.Tensor) -> np.ndarray:
+    """What the encoding threads get, prepared on the calling thread so that they run no torch op (torch ops
+    in extra threads slow every later torch op of the process on small CPUs): CPU images as a float32 numpy
+    view, quantised per image inside the threads (quantising a 256x3x512x512 batch at once allocates
+    several 800 MB temporaries and took longer than encoding); images on an accelerator quantised there,
+    then copied over as uint8."""
+    if images.device.type == "cpu":
+        return images.detach().to(torch.float32).numpy()
+    return to_uint8(images, layout="hwc")
 
 
 class _JpegSize(Reward):
@@ -60,12 +65,13 @@ class _JpegSize(Reward):
         self._pool: ThreadPoolExecutor | None = None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> RewardOutput:
-        if self.num_workers == 1 or len(images) == 1:
-            sizes = [jpeg_size(img) for img in images]
+        arrays = _per_image(images)
+        if self.num_workers == 1 or len(arrays) == 1:
+            sizes = [jpeg_size(a) for a in arrays]
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="rlbench-jpeg")
-            sizes = list(self._pool.map(jpeg_size, images))
+            sizes = list(self._pool.map(jpeg_size, arrays))
         kb = torch.tensor(sizes, dtype=torch.float64) / BYTES_PER_KB
         return RewardOutput((self.sign * kb).to(torch.float32), {})
 

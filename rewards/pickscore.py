@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from rlbench.nets import clip as cm
-from rlbench.weights import resolve
+from rlbench.nets.options import parse_batch_size, parse_device, parse_dtype
 from rlbench.reward import Reward, RewardOutput
-from rlbench.weights import WeightsSpec
+from rlbench.weights import WeightsSpec, resolve
 
 MODEL_FILES = ("config.json", "model.safetensors")
 # Only the processor/tokenizer files of the LAION repo (and its small config.json, which makes
@@ -59,7 +59,7 @@ class PickScore(Reward):
                    "images, lower for weaker models; comparable only between images of the same prompt")
     paper = ("Kirstain et al. 2023, Pick-a-Pic: An Open Dataset of User Preferences for Text-to-Image "
              "Generation, arXiv:2305.01569")
-    weights = (
+    weights_spec = (
         WeightsSpec(source="yuvalkirstain/PickScore_v1", license="MIT (PickScore code)", option="weights",
                     allow_patterns=MODEL_FILES),
         WeightsSpec(source="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", license="MIT", option="processor",
@@ -68,16 +68,16 @@ class PickScore(Reward):
 
     def __init__(self, weights: str | Path | None = None, processor: str | Path | None = None, device: str = "cpu",
                  dtype: str = "float32", batch_size: int = 32) -> None:
-        self.device = cm.parse_device(device)
-        self.dtype = cm.parse_dtype(dtype)
-        self.batch_size = cm.parse_batch_size(batch_size)
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.batch_size = parse_batch_size(batch_size)
         self.overrides = {"weights": weights, "processor": processor}
-        self.weights = cm.used_specs(type(self).weights, self.overrides)
+        self.weights_in_use = cm.used_specs(self.weights_spec, self.overrides)
         self._model = self._tokenizer = self._pixels = None
 
     def _load(self):
         if self._model is None:
-            model_spec, proc_spec = type(self).weights
+            model_spec, proc_spec = self.weights_spec
             folder = resolve(model_spec, reward=self.name, override=self.overrides["weights"])
             proc = resolve(proc_spec, reward=self.name, override=self.overrides["processor"])
             self._model, self._tokenizer, self._pixels = cm.load_hf_clip_with_processor(

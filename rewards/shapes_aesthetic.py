@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rlbench.errors import WeightsNotAvailable
+from rlbench.nets.options import parse_batch_size
 from rlbench.reward import Reward, RewardOutput
 from rlbench.weights import WeightsSpec
 from rlbench.rewards.shapes_gold import to_world_uint8
@@ -129,12 +130,12 @@ class ShapesAesthetic(Reward):
     score_range = "(0, 1)"
     paper = ("rlbench shapes world (rlbench.shapes.aesthetic); the role of the LAION aesthetic predictor, "
              "Schuhmann et al. 2022, in DDPO's over-optimisation study (Black et al. 2023, arXiv:2305.13301)")
-    weights = WeightsSpec(source="rlbench", filename="shapes/proxies/aesthetic/model.safetensors",
-                          sha256="a9de5044bcf44d93f6f08d65c8ad7de8d5582897d2002c01250048f7eac19684", license="MIT")
+    weights_spec = WeightsSpec(source="rlbench", filename="shapes/proxies/aesthetic/model.safetensors",
+                               sha256="a9de5044bcf44d93f6f08d65c8ad7de8d5582897d2002c01250048f7eac19684",
+                               license="MIT")
 
     def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int = 256) -> None:
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = parse_batch_size(batch_size)
         folder = Path(weights) if weights is not None else aesthetic.shipped_folder()
         missing = [f for f in (aesthetic.WEIGHTS_FILE, aesthetic.CONFIG_FILE) if not (folder / f).is_file()]
         if missing:
@@ -144,9 +145,8 @@ class ShapesAesthetic(Reward):
             )
         self.folder = folder
         if weights is not None:  # the card names the weights actually used
-            self.weights = WeightsSpec(source=str(folder), filename=aesthetic.WEIGHTS_FILE)
+            self.weights_in_use = WeightsSpec(source=str(folder), filename=aesthetic.WEIGHTS_FILE)
         self.device = device
-        self.batch_size = int(batch_size)
         self._model: aesthetic.AestheticNet | None = None
         self.config: dict[str, Any] | None = None
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from rlbench.nets.options import parse_batch_size
 from rlbench.reward import Reward, RewardOutput
 from rlbench.weights import WeightsSpec
 from rlbench.shapes.clip_train import clip_folder, image_embeds, load_clip, pixel_values, text_embeds, tokenize
@@ -62,18 +63,17 @@ class ShapesCLIP(Reward):
                    "~15.5, wrong captions ~0.5 on average")
     paper = ("CLIP, Radford et al. 2021, arXiv:2103.00020; score as PickScore, Kirstain et al. 2023, "
              "arXiv:2305.01569; rlbench shapes world (rlbench.shapes)")
-    weights = WeightsSpec(source="rlbench", filename="shapes/proxies/clip/model.safetensors",
-                          sha256="03cbedc496de49140bd6894ab34b5ddc53c849ed336c0563b362589789d7cc56", license="MIT")
+    weights_spec = WeightsSpec(source="rlbench", filename="shapes/proxies/clip/model.safetensors",
+                               sha256="03cbedc496de49140bd6894ab34b5ddc53c849ed336c0563b362589789d7cc56",
+                               license="MIT")
 
     def __init__(self, weights: str | Path | None = None, device: str = "cpu", batch_size: int = 256) -> None:
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = parse_batch_size(batch_size)
         folder = clip_folder(weights, reward=self.name, option="weights")
         if weights is not None:  # the card names the weights actually used
-            self.weights = WeightsSpec(source=str(folder), filename="model.safetensors")
+            self.weights_in_use = WeightsSpec(source=str(folder), filename="model.safetensors")
         self.folder = folder
         self.device = torch.device(device)
-        self.batch_size = int(batch_size)
         self._model = None
         self._tokenizer = None
 

@@ -7,7 +7,8 @@ gold analyser :mod:`rlbench.shapes.analyser` (GenEval's idea, made exact by a pr
 
 Pre-processing: images of another size than 32x32 are first resized to 32x32 by area averaging
 (``torch.nn.functional.adaptive_avg_pool2d``: a k-times nearest upscale of a render maps back to the
-render exactly), then quantised as ``(x * 255).round().clamp(0, 255)`` to uint8.
+render exactly), then quantised as ``(x * 255).round().clamp(0, 255)`` to uint8
+(:func:`rlbench.utils.images.to_uint8`).
 
 Prompts must be shapes-world captions (``rlbench.shapes.grammar``); any other prompt is an
 :class:`~rlbench.errors.InputError` naming it, not a silent 0.
@@ -28,6 +29,7 @@ from rlbench.shapes.analyser import analyse_batch, check_facts
 from rlbench.shapes.grammar import Fact, PromptParseError, parse_prompt
 from rlbench.shapes.vocab import IMAGE_SIZE
 from rlbench.shapes.world import render_batch, sample_scene_and_caption
+from rlbench.utils.images import to_uint8
 
 MISMATCH_EVERY = 3  # example_inputs: every third image gets another image's caption (a low score)
 
@@ -37,8 +39,7 @@ def to_world_uint8(images: torch.Tensor) -> np.ndarray:
     x = images.detach().to("cpu", torch.float32)
     if tuple(x.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
         x = F.adaptive_avg_pool2d(x, IMAGE_SIZE)
-    q = (x * 255).round().clamp(0, 255).to(torch.uint8)
-    return q.permute(0, 2, 3, 1).contiguous().numpy()
+    return to_uint8(x, layout="hwc")
 
 
 def _facts(prompt: str) -> list[Fact]:

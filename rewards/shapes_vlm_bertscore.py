@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from rlbench.nets.bertscore import MINILM_SPEC, VARIANTS, BERTScorer
+from rlbench.nets.options import parse_batch_size
 from rlbench.reward import Reward, RewardOutput
 from rlbench.weights import WeightsSpec
 from rlbench.rewards.vlm_bertscore import QUESTION, REFERENCE
@@ -132,7 +133,7 @@ class ShapesVLMBERTScore(Reward):
     score_range = "[-1, 1], in practice ~[0.3, 1]; 1 when the retrieved caption is the prompt"
     paper = ("DDPO, Black et al. 2023, arXiv:2305.13301 (§5.3, LLaVA + BERTScore recall); BERTScore, "
              "Zhang et al. 2020, arXiv:1904.09675; rlbench shapes world (rlbench.shapes)")
-    weights = (
+    weights_spec = (
         WeightsSpec(source="rlbench", filename="shapes/proxies/clip/model.safetensors",
                     sha256="03cbedc496de49140bd6894ab34b5ddc53c849ed336c0563b362589789d7cc56", license="MIT",
                     option="clip_weights"),
@@ -142,24 +143,22 @@ class ShapesVLMBERTScore(Reward):
     def __init__(self, clip_weights: str | Path | None = None, bertscore_model: str | None = None,
                  bertscore_layers: int | None = None, bertscore_variant: str = "bert-score",
                  answer_template: str = ANSWER, batch_size: int = 256, device: str = "cpu") -> None:
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size = parse_batch_size(batch_size)
         if bertscore_variant not in VARIANTS:
             raise ValueError(f"bertscore_variant must be one of {', '.join(VARIANTS)}, got {bertscore_variant!r}")
         if "{caption}" not in answer_template:
             raise ValueError(f"answer_template must contain '{{caption}}', got {answer_template!r}")
         folder = clip_folder(clip_weights, reward=self.name, option="clip_weights")
-        self.batch_size = int(batch_size)
         self.describer = CaptionRetrievalDescriber(folder, batch_size=self.batch_size,
                                                    answer_template=answer_template, device=device)
         self.scorer = BERTScorer(bertscore_model, bertscore_layers, batch_size=self.batch_size, device=device,
                                  variant=bertscore_variant, reward=self.name, option="bertscore_model")
         if clip_weights is not None or bertscore_model is not None:  # the card names the weights in use
-            clip_spec = (self.weights[0] if clip_weights is None else
+            clip_spec = (self.weights_spec[0] if clip_weights is None else
                          WeightsSpec(source=str(folder), filename="model.safetensors", option="clip_weights"))
             bert_spec = MINILM_SPEC if bertscore_model is None else WeightsSpec(source=str(bertscore_model),
                                                                               option="bertscore_model")
-            self.weights = (clip_spec, bert_spec)
+            self.weights_in_use = (clip_spec, bert_spec)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
               ) -> RewardOutput:
@@ -205,7 +204,7 @@ def agreement_pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], lis
 
 def gold_agreement(reward, n: int = 512, seed: int = 0) -> float:
     """Spearman rank correlation between ``reward`` and ``shapes-gold`` on :func:`agreement_pairs`."""
-    from rlbench.shapes.clip_train import spearman
+    from rlbench.utils.stats import spearman
 
     images, prompts, gold = agreement_pairs(n, seed)
     return spearman(reward(images, prompts).scores.detach().cpu().numpy(), gold)

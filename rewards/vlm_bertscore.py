@@ -31,8 +31,7 @@ from typing import Any
 import torch
 
 from rlbench.nets.bertscore import MINILM_SPEC, VARIANTS, BERTScorer, spec_for
-from rlbench.reward import Reward, RewardOutput
-from rlbench.weights import WeightsSpec
+from rlbench.nets.options import parse_batch_size, parse_device
 from rlbench.nets.vlm import (
     DDPO_JPEG_QUALITY,
     DDPO_MAX_TOKENS,
@@ -43,6 +42,8 @@ from rlbench.nets.vlm import (
     TransformersDescriber,
     vlm_spec,
 )
+from rlbench.reward import Reward, RewardOutput
+from rlbench.weights import WeightsSpec
 
 QUESTION = "Answer concisely: what is going on in this image?"  # ddpo-pytorch rewards.py llava_bertscore
 REFERENCE = "The image contains {prompt}"  # ddpo-pytorch rewards.py llava_bertscore: answers
@@ -83,7 +84,7 @@ class VLMBERTScore(Reward):
                    "(ddpo-pytorch#23)")
     paper = ("DDPO, Black et al. 2023, arXiv:2305.13301 (§5.3); BERTScore, Zhang et al. 2020, "
              "arXiv:1904.09675; LLaVA-1.5, Liu et al. 2023, arXiv:2310.03744")
-    weights = (LLAVA_SPEC, MINILM_SPEC)
+    weights_spec = (LLAVA_SPEC, MINILM_SPEC)
     extra = None
 
     def __init__(self, describer: str = "transformers", vlm: str | None = None,
@@ -97,10 +98,8 @@ class VLMBERTScore(Reward):
             raise ValueError(f"describer must be one of {', '.join(DESCRIBERS)}, got {describer!r}")
         if bertscore_variant not in VARIANTS:
             raise ValueError(f"bertscore_variant must be one of {', '.join(VARIANTS)}, got {bertscore_variant!r}")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.batch_size = int(batch_size)
-        self.device = torch.device(device)
+        self.batch_size = parse_batch_size(batch_size)
+        self.device = parse_device(device)
         if describer == "transformers":
             self.describer = TransformersDescriber(vlm, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                    device=device, dtype=dtype, jpeg_quality=jpeg_quality,
@@ -118,7 +117,7 @@ class VLMBERTScore(Reward):
                                  option="bertscore_model")
         bert_weights = _card_spec(bertscore_model, spec_for, "bertscore_model")
         # the card names the weights actually used
-        self.weights = tuple(s for s in (vlm_weights, bert_weights) if s is not None)
+        self.weights_in_use = tuple(s for s in (vlm_weights, bert_weights) if s is not None)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
               ) -> RewardOutput:

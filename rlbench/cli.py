@@ -96,8 +96,6 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out directory."),
 ) -> None:
     """Fine-tune a text-to-image model against a reward with DDPO or RWR."""
-    from rlbench.config import load_config
-
     values: dict[str, dict[str, Any]] = {
         "algorithm": {"name": algo},
         "reward": {"name": reward, **_options(reward_opt, "--reward-opt")},
@@ -105,40 +103,99 @@ def train(
         "prompts": {"name": prompts},
         "run": {"epochs": epochs, "seed": seed, "out": str(out) if out else None},
     }
-    if resume is None:
-        # Bad keys, values and combinations fail here, before torch, models or data are loaded.
-        load_config(config, set_ or [], values)
-    from rlbench.train.trainer import train as run_training
+    from rlbench.train.trainer import resolve_config, train as run_training
 
-    run_dir = run_training(
-        config=config, overrides=set_ or [], values=values, resume=resume, overwrite=overwrite, progress=True
-    )
+    # Resolved once: bad keys, values and combinations fail here, before models or data are loaded.
+    cfg = resolve_config(config, set_ or [], values, resume)
+    run_dir = run_training(config=cfg, resume=resume, overwrite=overwrite, progress=True)
     typer.echo(f"run directory: {run_dir}")
+
+
+class _EvalProgress:
+    """Rich progress bars for ``rlbench eval`` (sampling, then one bar per reward), on stderr."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+
+    def task(self, description: str, total: int):
+        task = self.bar.add_task(description, total=total)
+        return lambda n=1: self.bar.advance(task, n)
+
+    def __enter__(self) -> _EvalProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
 
 
 @app.command("eval")
 @cli_errors
 def eval_(
-    run_dirs: list[Path] = typer.Argument(..., help="Run directories made by `rlbench train`."),
-    rewards: Optional[str] = typer.Option(None, "--rewards", help="Comma-separated rewards; default each run's own."),
+    run_dirs: Optional[list[Path]] = typer.Argument(None, help="Run directories made by `rlbench train`."),
+    rewards: Optional[str] = typer.Option(
+        None, "--rewards", help="Comma-separated rewards scored besides the defaults (each run's trained reward, its "
+        "logging.watch rewards, its model's proxies and gold rewards)."),
+    prompts: Optional[str] = typer.Option(
+        None, "--prompts", help="Comma-separated prompt sets (default: each run's training set + its model's "
+        "held-out sets)."),
+    checkpoints: str = typer.Option(
+        "auto", "--checkpoints", help="auto (up to 4 evenly spaced, the last included), all, last, or epochs N,M,...; "
+        "the base model (0) is always included."),
+    images_per_prompt: int = typer.Option(4, "--images-per-prompt", min=1, help="Images per prompt, each with its own fixed noise."),
+    prompts_per_set: int = typer.Option(16, "--prompts-per-set", min=0, help="A fixed, seeded subset of larger sets; 0 = all."),
+    seed: int = typer.Option(0, "--seed", help="Eval seed: with the prompt and image index it fixes every image's noise."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: each run's own; 0 = deterministic sampler)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps (default: each run's own)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance weight (default: each run's own)."),
     out: Path = typer.Option(Path("eval"), "--out", help="Output directory (new or empty)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per reward call."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per UNet call and per reward call."),
+    from_: Optional[Path] = typer.Option(
+        None, "--from", help="Rebuild tables/, plots/ and report.html of an eval folder from its data files."),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="Cache folder (default $RLBENCH_CACHE_DIR or ~/.cache/rlbench/eval)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything; read and write no cache."),
+    features: Optional[str] = typer.Option(
+        None, "--features", help="Diversity features: shapes-clip, a Hugging Face CLIP id, pixels or none "
+        "(default: the model's)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, ..."),
 ) -> None:
-    """Score runs' logged samples with rewards: scores.parquet, tables and plots."""
-    from rich.progress import Progress
+    """Evaluate runs: every checkpoint and the base model sample held-out prompts with the same noise; scores
+    with the trained, gold and any other rewards, KL from the base model, diversity; tables, plots, report.html."""
+    from rlbench.eval.evaluate import evaluate, rebuild
+    from rlbench.utils.hf import quiet_hf
 
-    from rlbench.eval.evaluate import evaluate
+    if from_ is not None:
+        if run_dirs:
+            raise InputError("give run directories or --from DIR, not both.")
+        result = rebuild(from_)
+    else:
+        if not run_dirs:
+            raise InputError("give at least one run directory (or --from DIR to rebuild an eval folder's report).")
+        quiet_hf()
+        notices: list[str] = []
+        with _EvalProgress() as bar:
+            result = evaluate(
+                run_dirs, rewards=rewards, prompts=prompts, checkpoints=checkpoints, images_per_prompt=images_per_prompt,
+                prompts_per_set=prompts_per_set, seed=seed, eta=eta, steps=steps, guidance=guidance, out=out,
+                overwrite=overwrite, batch_size=batch_size, cache=False if no_cache else cache, features=features,
+                device=device, progress=bar, log=notices.append)
+        for line in notices:
+            typer.echo(line, err=True)
+    from rlbench.eval.tables import markdown_table
 
-    names = [r.strip() for r in rewards.split(",") if r.strip()] if rewards else None
-    with Progress(transient=True) as bar:
-        task = bar.add_task("scoring", total=None)
-        result = evaluate(run_dirs, rewards=names, out=out, overwrite=overwrite, batch_size=batch_size,
-                          progress=lambda: bar.advance(task))
-    from rlbench.eval.evaluate import markdown_table
-
-    typer.echo(markdown_table(result.summary), nl=False)
-    typer.echo(f"scores: {result.out / 'scores.parquet'}\ntables: {result.out / 'tables'}\nplots: {result.out / 'plots'}")
+    for name in ("overoptimisation", "generalisation", "kl"):
+        table = result.tables[name]
+        if len(table.display):
+            typer.echo(f"\n{table.title}\n")
+            typer.echo(markdown_table(table.display), nl=False)
+    typer.echo(f"\nreport:  {result.out / 'report.html'}\ndata:    {result.out} (scores.parquet, kl.parquet, "
+               f"diversity.parquet, meta.json, images/)\ntables:  {result.out / 'tables'}\nplots:   {result.out / 'plots'}")
 
 
 @app.command("config")
@@ -153,7 +210,8 @@ def config_(
     if config is None and not set_:
         typer.echo(annotated_defaults())
     else:
-        typer.echo(load_config(config, set_ or []).to_toml())
+        cfg = load_config(config, set_ or [])
+        typer.echo("".join(f"# notice: {n}\n" for n in cfg.notices) + cfg.to_toml())
 
 
 # -- registries -----------------------------------------------------------------------------------
@@ -336,10 +394,10 @@ def shapes_pretrain(
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop early (and save) after this long."),
 ) -> None:
     """Pretrain the shapes-world text-to-image model from scratch on rendered (image, caption) pairs."""
-    from rlbench.eval.evaluate import prepare_out
+    from rlbench.train.rundir import fresh_dir
     from rlbench.shapes.model import pretrain, vocabulary, world_batches
 
-    folder = prepare_out(out)
+    folder = fresh_dir(out)
     pretrain(folder, world_batches(steps, batch_size, seed, workers), vocabulary(), steps=steps,
              batch_size=batch_size, lr=lr, device=device, seed=seed, log=typer.echo, max_seconds=max_seconds)
     typer.echo(f"model: {folder}")

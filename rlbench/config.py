@@ -8,15 +8,23 @@ impossible combinations are :class:`~rlbench.errors.ConfigError` before any comp
 the message. The resolved config is written into the run directory as ``config.toml``.
 
 ``[algorithm]`` and ``[reward]`` take a ``name`` plus that plugin's own options (e.g.
-``algorithm.clip_range``, ``reward.weights``), which the plugin validates when it is resolved.
+``algorithm.clip_range``, ``reward.weights``).
+
+Resolution happens once (:func:`load_config`, :func:`resolve`): the layers are merged, the
+algorithm's options typed against its ``Options`` dataclass, the algorithm's adjustments applied
+(DDPO-SF sets the accumulation that makes one step per epoch) and reported as ``notices``, then the
+whole configuration validated. The result is frozen: the rest of rlbench reads it and never
+changes it (``with_changes`` makes a new, re-resolved one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +44,7 @@ def _f(default: Any, help: str, unit: str = "", choices: tuple | None = None) ->
     return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSection:
     """Identity and length of the run."""
 
@@ -45,7 +53,7 @@ class RunSection:
     out: str = _f("", "Run directory; empty = runs/<algo>-<reward>-<UTC timestamp>", "path")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSection:
     """The policy: which text-to-image model and what is trained."""
 
@@ -62,7 +70,7 @@ class ModelSection:
     device: str = _f("auto", "Device: auto, cpu, cuda, cuda:1, mps")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptsSection:
     """Where training prompts come from."""
 
@@ -70,7 +78,7 @@ class PromptsSection:
                    "empty = the model's default set")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardSection:
     """The reward trained against; other keys are the reward's own options."""
 
@@ -78,7 +86,7 @@ class RewardSection:
     options: dict = _f({}, "Options passed to the reward's constructor (write them as reward.KEY)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleSection:
     """Sampling of training images."""
 
@@ -92,10 +100,13 @@ class SampleSection:
         "samples-per-epoch / k prompts, k images each, so per-prompt statistics exist from the first epoch "
         "(Flow-GRPO's groups; pair with advantage.min_count = k)", "images")
     negative_prompt: str = _f("", "Unconditional prompt for guidance (reference: empty string)")
-    async_reward: bool = _f(True, "Score a batch in a background thread while the next one samples")
+    async_reward: bool = _f(
+        False, "Score a batch in a background thread while the next one samples. Pays for a reward on a GPU "
+        "or a remote endpoint; on a CPU torch ops in a second thread slow every later op of the process "
+        "(a second OpenMP team: 1.8x on 2 cores), so the default scores on the main thread")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlgorithmSection:
     """The RL algorithm; other keys are the algorithm's own options."""
 
@@ -103,7 +114,7 @@ class AlgorithmSection:
     options: dict = _f({}, "Algorithm options (write them as algorithm.KEY, e.g. algorithm.clip_range)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimSection:
     """Gradient updates (the reference's `train` section)."""
 
@@ -120,10 +131,14 @@ class OptimSection:
     weight_decay: float = _f(1e-4, "AdamW weight decay (reference 1e-4)")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off")
+    max_forward_batch: int = _f(
+        0, "DDPO: most (sample, denoising step) pairs per UNet forward+backward (x2 with guidance); the trained "
+        "steps of a micro-batch share calls up to it (same gradient, fuller batches). 0 = auto: all of them on "
+        "a CPU, one step per call on a GPU; raise it while GPU memory allows", "pairs")
     cfg: bool = _f(True, "Train the guided epsilon (paper App. E.1: essential after the first round)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdvantageSection:
     """Reward normalisation into advantages."""
 
@@ -132,7 +147,7 @@ class AdvantageSection:
     min_count: int = _f(16, "Rewards a prompt needs before its own stats are used (ddpo-pytorch: 16)", "rewards")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingSection:
     """What is logged besides metrics.jsonl."""
 
@@ -144,7 +159,7 @@ class LoggingSection:
                          "(e.g. a gold reward beside its proxy: over-optimisation as it happens)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointSection:
     """Checkpoints for resume and evaluation."""
 
@@ -168,7 +183,7 @@ SECTIONS: dict[str, type] = {
 _OPEN_SECTIONS = ("reward", "algorithm")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The whole configuration of a training run."""
 
@@ -182,6 +197,9 @@ class TrainConfig:
     advantage: AdvantageSection = field(default_factory=AdvantageSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    # What resolution adjusted for the user (printed at the start of a run); not part of config.toml.
+    notices: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    resolved: bool = field(default=False, compare=False, repr=False)
 
     # -- derived numbers (logged at start) --------------------------------------------------------
     @property
@@ -201,7 +219,7 @@ class TrainConfig:
 
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
-        """Check values and combinations; raise ConfigError with the fix. Returns self."""
+        """Check values and combinations; raise ConfigError with the fix. Returns self. Changes nothing."""
         for name, cls in SECTIONS.items():
             section = getattr(self, name)
             for f in dataclasses.fields(cls):
@@ -211,6 +229,8 @@ class TrainConfig:
                     raise ConfigError(
                         f"{name}.{f.name} = {value!r} is not one of {', '.join(map(repr, choices))}."
                     )
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{name}.{f.name} must be a finite number, got {value}.")
         positive = {
             "run.epochs": self.run.epochs,
             "sample.num_steps": self.sample.num_steps,
@@ -222,6 +242,8 @@ class TrainConfig:
             "train.num_inner_epochs": self.train.num_inner_epochs,
             "train.learning_rate": self.train.learning_rate,
             "model.lora_rank": self.model.lora_rank,
+            "model.lora_alpha": self.model.lora_alpha,
+            "train.adam_epsilon": self.train.adam_epsilon,
             "advantage.buffer_size": self.advantage.buffer_size,
             "advantage.min_count": self.advantage.min_count,
             "checkpoint.every": self.checkpoint.every,
@@ -237,10 +259,16 @@ class TrainConfig:
             "logging.samples_every": self.logging.samples_every,
             "logging.num_samples": self.logging.num_samples,
             "checkpoint.keep": self.checkpoint.keep,
+            "run.seed": self.run.seed,
+            "train.max_forward_batch": self.train.max_forward_batch,
         }
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}.")
+        if self.sample.eta > 1.0:
+            # DDIM's sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev) exceeds
+            # sqrt(1 - a_prev) for eta > 1, and the direction term sqrt(1 - a_prev - sigma_t^2) is undefined.
+            raise ConfigError(f"sample.eta must be in [0, 1] (DDPO: 1.0), got {self.sample.eta}.")
         if not 0.0 < self.train.timestep_fraction <= 1.0:
             raise ConfigError(
                 f"train.timestep_fraction must be in (0, 1], got {self.train.timestep_fraction}."
@@ -282,7 +310,16 @@ class TrainConfig:
             raise ConfigError("algorithm.name is empty; choose one with --algo NAME (`rlbench algos list`).")
         if not self.model.name:
             raise ConfigError("model.name is empty; choose one with --model NAME|PATH (`rlbench models list`).")
+        check_device(self.model.device, self.model.mixed_precision)
         return self
+
+    def with_changes(self, changes: Mapping[str, Any]) -> TrainConfig:
+        """A new, re-resolved config with ``{"section.key": value}`` changed (this one is frozen)."""
+        data = self.to_dict()
+        for dotted, value in changes.items():
+            sname, _, key = dotted.partition(".")
+            data.setdefault(sname, {})[key] = value
+        return resolve(data, "config")
 
     # -- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -338,6 +375,8 @@ def _unknown(what: str, key: str, valid: list[str], source: str, section: str | 
     where = f" in [{section}]" if section else ""
     return f"{source}: unknown {what}.{hint} Valid keys{where}: {', '.join(valid)}."
 
+
+DEFAULT_PROMPTS = "simple-animals"  # DDPO's aesthetic task set; a model may declare its own (prompts.name preset)
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "a table"}
 
@@ -399,21 +438,30 @@ def model_presets(model: str) -> dict[str, Any]:
 
     if not isinstance(model, str) or not model:
         return {}
+    default_prompts = None
     if model in MODELS:
         try:
-            presets = getattr(MODELS.load(model), "train_defaults", None) or {}
+            factory = MODELS.load(model)
         except RLBenchError:
-            presets = {}  # a broken model plugin is reported when the run loads it
+            factory = None  # a broken model plugin is reported when the run loads it
+        presets = getattr(factory, "train_defaults", None) or {}
     else:
         meta = Path(model).expanduser() / "rlbench.json"
         try:
-            presets = json.loads(meta.read_text()).get("train_defaults", {}) if meta.is_file() else {}
+            declared = json.loads(meta.read_text()) if meta.is_file() else {}
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{meta} is not valid JSON: {exc}") from exc
+        if not isinstance(declared, dict):
+            raise ConfigError(f"{meta} must hold a JSON object, got {type(declared).__name__}.")
+        presets = declared.get("train_defaults", {})
+        default_prompts = declared.get("default_prompts")  # the folder's own prompt set (DiffusionPolicy reads it too)
     if not isinstance(presets, dict) or not all(isinstance(k, str) and "." in k for k in presets):
         raise ConfigError(f"model '{model}' declares malformed train_defaults {presets!r}; expected "
                           "{'section.key': value, ...}.")
-    return dict(presets)
+    presets = dict(presets)
+    if isinstance(default_prompts, str) and default_prompts:
+        presets.setdefault("prompts.name", default_prompts)
+    return presets
 
 
 def load_config(
@@ -421,7 +469,7 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, dict[str, Any]] | None = None,
 ) -> TrainConfig:
-    """Defaults <- model presets <- TOML file <- ``--set`` overrides <- ``values`` (nested dict); validated.
+    """Defaults <- model presets <- TOML file <- ``--set`` overrides <- ``values`` (nested dict), resolved once.
 
     Args:
         path: a TOML file in the layout of ``config.toml``.
@@ -447,7 +495,100 @@ def load_config(
     for dotted, value in model_presets(model).items():  # lowest layer: anything the user set wins
         sname, _, key = dotted.partition(".")
         data.setdefault(sname, {}).setdefault(key, value)
-    return TrainConfig.from_dict(data, source=source if not overrides else f"{source} + --set").validate()
+    return resolve(data, source if not overrides else f"{source} + --set")
+
+
+def resolve(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """The one resolution: merged layers -> typed config -> algorithm options and adjustments -> validated, frozen.
+
+    The algorithm plugin is loaded (not constructed) to type its options and to ask what it adjusts
+    (``Algorithm.adjust``); its adjustments are applied here and reported as ``notices``.
+    """
+    from rlbench.algorithm import Algorithm
+    from rlbench.registry import ALGORITHMS
+
+    cfg = TrainConfig.from_dict(data, source=source)
+    if not cfg.prompts.name:
+        cfg = dataclasses.replace(cfg, prompts=PromptsSection(name=DEFAULT_PROMPTS))
+    name = cfg.algorithm.name
+    if not name:
+        raise ConfigError("algorithm.name is empty; choose one with --algo NAME (`rlbench algos list`).")
+    algo = ALGORITHMS.load_subclass(name, Algorithm)
+    options = build_options(algo, dict(cfg.algorithm.options), name)
+    resolved_options = dataclasses.asdict(options) if options is not None else {}
+    cfg = dataclasses.replace(cfg, algorithm=AlgorithmSection(name=name, options=resolved_options))
+    changes, notices = algo.adjust(cfg, options)
+    if changes:
+        cfg = _apply(cfg, changes)
+    cfg.validate()
+    algo.validate(cfg, options)
+    return dataclasses.replace(cfg, notices=tuple(notices), resolved=True)
+
+
+def ensure_resolved(config: TrainConfig) -> TrainConfig:
+    """``config`` itself when it came from :func:`resolve`; else its resolution (a hand-built TrainConfig)."""
+    return config if config.resolved else resolve(config.to_dict())
+
+
+def _apply(cfg: TrainConfig, changes: Mapping[str, Any]) -> TrainConfig:
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        sname, _, key = dotted.partition(".")
+        if sname not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[sname])}:
+            raise ConfigError(f"an algorithm adjusted unknown config key {dotted!r}.")
+        sections.setdefault(sname, {})[key] = value
+    return dataclasses.replace(
+        cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
+
+
+def build_options(cls: type, options: dict[str, Any], algo: str) -> Any:
+    """Type ``[algorithm]`` keys against the plugin's ``Options`` dataclass; unknown keys and bad values are errors."""
+    opt_cls = getattr(cls, "Options", None)
+    if opt_cls is None or not dataclasses.is_dataclass(opt_cls):
+        if options:
+            raise ConfigError(f"algorithm '{algo}' takes no options, got {sorted(options)}.")
+        return None
+    hints = typing.get_type_hints(opt_cls)
+    names = [f.name for f in dataclasses.fields(opt_cls)]
+    kwargs = {}
+    for key, value in options.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean 'algorithm.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"algorithm '{algo}' has no option '{key}'.{hint} Its options: {', '.join(names) or 'none'}."
+            )
+        kwargs[key] = _coerce(f"algorithm.{key}", value, hints[key], "config")
+        if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
+            raise ConfigError(f"algorithm.{key} must be a finite number, got {value}.")
+    try:
+        return opt_cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"algorithm '{algo}': {exc}") from exc
+
+
+def check_device(device: str, mixed_precision: str = "auto") -> None:
+    """A device this machine does not have is an error (never a silent fallback to the CPU)."""
+    if device in ("auto", "cpu") and mixed_precision != "fp16":
+        return
+    import torch
+
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("model.device = 'mps' but this machine has no Apple MPS device; use 'auto' or 'cpu'.")
+    elif device.startswith("cuda"):
+        index = device.partition(":")[2]
+        if index and not index.isdigit():
+            raise ConfigError(f"model.device = {device!r}: write cuda or cuda:N (N a GPU index).")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"model.device = {device!r} but this machine has no CUDA GPU; use 'auto' or 'cpu'.")
+        if index and int(index) >= count:
+            raise ConfigError(f"model.device = {device!r} but this machine has {count} GPU(s): cuda:0..cuda:{count - 1}.")
+    elif device not in ("auto", "cpu"):
+        raise ConfigError(f"model.device = {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps.")
+    if mixed_precision == "fp16" and not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+        raise ConfigError("model.mixed_precision = 'fp16' needs a CUDA GPU; use 'no' or 'bf16' on CPU.")
 
 
 def _inline(value: Any) -> str:

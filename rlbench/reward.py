@@ -55,7 +55,9 @@ class Reward:
     differentiable: ClassVar[bool] = False
     score_range: ClassVar[str] = ""  # e.g. "[0, inf) kB"
     paper: ClassVar[str] = ""
-    weights: ClassVar[WeightsSpec | tuple[WeightsSpec, ...] | None] = None  # see rlbench.weights
+    weights_spec: ClassVar[WeightsSpec | tuple[WeightsSpec, ...] | None] = None  # declared sources, see rlbench.weights
+    # Set by an instance whose options replace a declared source (e.g. ``weights=PATH``): what its card shows.
+    weights_in_use: WeightsSpec | tuple[WeightsSpec, ...] | None = None
     extra: ClassVar[str | None] = None  # pip extra needed, e.g. "rlbench[vlm]"
 
     def score(

@@ -1,9 +1,11 @@
 """Where reward weights come from: the Hugging Face cache, a URL, or a local path — resolved offline first.
 
 Every model-based reward declares its weights as :class:`rlbench.WeightsSpec` objects (class
-attribute ``weights``: one spec or a tuple of them, each with the ``option`` name that overrides it)
+attribute ``weights_spec``: one spec or a tuple of them, each with the ``option`` name that overrides
+it; an instance whose options replace a source says so in ``weights_in_use``, which its card shows)
 and turns them into local paths with :func:`resolve` before loading anything, so model loaders only
-ever see local files and never touch the network themselves.
+ever see local files and never touch the network themselves. The constructor option that overrides a
+spec is conventionally called ``weights`` (see ``WeightsSpec.option``).
 
 Resolution order for one spec:
 
@@ -34,6 +36,7 @@ from typing import Any
 
 from rlbench.errors import WeightsNotAvailable
 
+
 @dataclass(frozen=True)
 class WeightsSpec:
     """Where a reward's weights come from: a hub id or URL, pinned where the source allows."""
@@ -55,18 +58,30 @@ URL_TIMEOUT_S = 60.0  # per network operation of a plain-URL download
 
 
 def is_offline() -> bool:
-    """True when the Hugging Face hub is switched off (``HF_HUB_OFFLINE``), as in rlbench's tests."""
+    """True when the Hugging Face hub is switched off (``HF_HUB_OFFLINE``, read as huggingface_hub reads it:
+    1/ON/YES/TRUE), as in rlbench's tests. Every network fallback of rlbench (reward weights, diffusion
+    models, ``rlbench rewards download``) asks this one function."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _as_specs(value: Any) -> tuple[WeightsSpec, ...] | None:
+    """``value`` as a tuple of specs if it is one spec or a sequence of specs, else None."""
+    if isinstance(value, WeightsSpec):
+        return (value,)
+    if isinstance(value, (tuple, list)) and all(isinstance(s, WeightsSpec) for s in value):
+        return tuple(value)
+    return None
+
+
 def specs_of(reward: Any) -> tuple[WeightsSpec, ...]:
-    """The weight specs a reward class or instance declares (``weights``: one spec or a tuple)."""
-    declared = getattr(reward, "weights", None)
-    if declared is None:
-        return ()
-    if isinstance(declared, WeightsSpec):
-        return (declared,)
-    return tuple(s for s in declared if isinstance(s, WeightsSpec))
+    """The weight specs of a reward class or instance: the instance's ``weights_in_use`` (its options
+    replaced a source), else the declared ``weights_spec`` (one spec or a tuple). A ``weights`` attribute
+    holding specs (the name older plugins declare them under) is still read, so their cards stay right."""
+    for attr in ("weights_in_use", "weights_spec", "weights"):
+        specs = _as_specs(getattr(reward, attr, None))
+        if specs is not None:
+            return specs
+    return ()
 
 
 def is_url(source: str) -> bool:

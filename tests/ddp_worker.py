@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from rlbench.algorithm import resolve_algorithm
+from rlbench.algorithm import make_algorithm
 from rlbench.config import load_config
 from rlbench.diffusion.policy import load_policy
 from rlbench.prompts import load_prompts
@@ -28,7 +28,7 @@ cfg = load_config(
     values={"run": {"epochs": 1, "out": str(out / "run")}, "algorithm": {"name": algo},
             "model": {"name": model}, "prompts": {"name": "simple-animals"}},
 )
-algorithm, _ = resolve_algorithm(cfg)
+algorithm = make_algorithm(cfg)
 trainer = Trainer(cfg, load_policy(model), make_reward("incompressibility"), algorithm,
                   load_prompts("simple-animals"), log=None)
 initial = {k: v.clone() for k, v in trainer.policy.named_trainable_state().items()}

@@ -104,6 +104,46 @@ def write_png(path: str | Path, array_hwc_uint8: np.ndarray) -> Path:
     return path
 
 
+# -- offline and reference helpers of the zoo tests --------------------------------------------------
+
+
+def empty_hf_cache(monkeypatch, root: Path) -> None:
+    """Point the Hugging Face cache (and rlbench's URL cache under HF_HOME) at an empty folder, offline."""
+    import huggingface_hub.constants as hub_constants
+
+    hf_home = root / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HOME", str(hf_home), raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hf_home / "hub"), raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def block_network(monkeypatch) -> list:
+    """Make every socket connection fail; returns the list of attempted connections (to assert empty)."""
+    import socket
+
+    attempts: list = []
+
+    def no_network(self, *args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return attempts
+
+
+def pil_image_processor(folder):
+    """The folder's CLIP image processor with PIL arithmetic: ``CLIPImageProcessorPil`` in transformers 5,
+    ``CLIPImageProcessor`` in 4 (its only, PIL-based implementation) — the processor of the published numbers."""
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
+    except ImportError:  # transformers 4
+        from transformers import CLIPImageProcessor as cls
+    return cls.from_pretrained(str(folder))
+
+
 # -- run directories ------------------------------------------------------------------------------
 
 
@@ -125,9 +165,7 @@ def make_run_dir(
     from rlbench.config import TrainConfig
     from rlbench.train.rundir import RunDir
 
-    cfg = TrainConfig()
-    cfg.reward.name = reward
-    cfg.reward.options = dict(reward_options or {})
+    cfg = TrainConfig.from_dict({"reward": {"name": reward, **dict(reward_options or {})}})
     run = RunDir.create(path)
     run.write_config(cfg.to_toml())
     for k, epoch in enumerate(epochs):

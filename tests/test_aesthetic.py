@@ -5,20 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo_fixtures import (
-    aesthetic_mlp_state_dict,
-    block_network,
-    empty_hf_cache,
-    pil_image_processor,
-    smooth_images,
-    tiny_hf_clip,
-)
+from helpers import block_network, empty_hf_cache, pil_image_processor
 
 from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, WeightsNotAvailable
-from rlbench.weights import url_cache_path
 from rlbench.registry import make_reward
 from rlbench.rewards.aesthetic import MLP_SHA256, Aesthetic, AestheticMLP, load_mlp
+from rlbench.testing import aesthetic_mlp_state_dict, smooth_images, tiny_hf_clip
+from rlbench.weights import url_cache_path
 
 PROMPTS = ["a photo of a cat", "", "a " + "very long " * 100 + "prompt", "x"]
 
@@ -75,7 +69,7 @@ def test_card_and_weight_sources() -> None:
     assert card.higher_is_better and card.deterministic and card.differentiable
     assert "sac%2Blogos%2Bava1-l14-linearMSE.pth" in card.weights and "openai/clip-vit-large-patch14" in card.weights
     assert card.license == "Apache-2.0; MIT" and "2305.13301" in card.paper and "1-10" in card.score_range
-    head, clip = Aesthetic.weights
+    head, clip = Aesthetic.weights_spec
     assert head.source.startswith("https://github.com/christophschuhmann/improved-aesthetic-predictor/")
     assert head.sha256 == MLP_SHA256 == "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
     assert (head.option, clip.option) == ("weights", "clip")
@@ -85,7 +79,7 @@ def test_card_and_weight_sources() -> None:
 
 def test_construction_loads_nothing(paths) -> None:
     r = Aesthetic(weights="/nowhere/head.pth", clip="/nowhere/clip")
-    assert r._clip is None and [s.source for s in r.weights] == ["/nowhere/head.pth", "/nowhere/clip"]
+    assert r._clip is None and [s.source for s in r.weights_in_use] == ["/nowhere/head.pth", "/nowhere/clip"]
     with pytest.raises(WeightsNotAvailable, match="neither an existing local path nor a hub id"):
         r(smooth_images(1, 32), ["a cat"])
 
@@ -198,7 +192,7 @@ def test_missing_clip_names_its_option(tmp_path, monkeypatch, paths) -> None:
 def test_cached_url_download_is_used_offline(tmp_path, monkeypatch, paths) -> None:
     """A head fetched by `rlbench rewards download aesthetic` lives in the URL cache under HF_HOME."""
     empty_hf_cache(monkeypatch, tmp_path)
-    target = url_cache_path(Aesthetic.weights[0])
+    target = url_cache_path(Aesthetic.weights_spec[0])
     target.parent.mkdir(parents=True)
     target.write_bytes(open(paths["weights"], "rb").read())
     images = smooth_images(1, 48, seed=9)

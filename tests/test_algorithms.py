@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlbench.algorithm import TrainBatch, UpdateContext, build_options, resolve_algorithm
-from rlbench.config import TrainConfig, load_config
+from rlbench.algorithm import TrainBatch, UpdateContext, make_algorithm
+from rlbench.config import TrainConfig, build_options, load_config
 from rlbench.errors import ConfigError, RunDirError
 from rlbench.diffusion.policy import DiffusionPolicy, load_policy
 from rlbench.testing import save_tiny_sd_pipeline
@@ -52,12 +52,12 @@ class Setup:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.algo, self.notices = resolve_algorithm(cfg)
+        self.algo, self.notices = make_algorithm(cfg), cfg.notices
         policy = load_policy(str(tiny))
         torch.manual_seed(seed)
         policy.setup_training("lora")
         self.accelerator = Accelerator(cpu=True)
-        policy.model = self.accelerator.prepare(policy.unet)
+        policy.prepare(self.accelerator)
         self.policy = policy
         self.params = policy.trainable_parameters()
         t = cfg.train
@@ -74,14 +74,14 @@ class Setup:
                            guidance_scale=cfg.sample.guidance_scale, generator=torch.Generator().manual_seed(seed))
         rewards = torch.tensor([0.5, -1.0, 2.0, 0.25])
         if advantages is None:
-            advantages = self.algo.advantages(rewards, PROMPTS, None) if cfg.algorithm.name.startswith("rwr") \
+            advantages = self.algo.advantages(rewards, PROMPTS) if cfg.algorithm.name.startswith("rwr") \
                 else torch.tensor([1.0, -0.5, 2.0, -1.5])
         self.batch = TrainBatch(
             latents=ro.latents, log_probs=ro.log_probs, timesteps=ro.timesteps, prompt_embeds=ro.prompt_embeds,
             neg_embeds=policy.encode_prompts([""]), rewards=rewards, advantages=advantages, prompts=list(PROMPTS),
         )
         self.ctx = UpdateContext(cfg, self.optimizer, self.accelerator, torch.Generator().manual_seed(7),
-                                 self.params, model=policy.model)
+                                 self.params, policy)
 
     def update(self) -> dict:
         return self.algo.update(self.policy, self.batch, self.ctx)
@@ -139,16 +139,14 @@ def test_update_trains_only_lora_and_takes_the_expected_steps(tiny, algo, acc, i
 
 
 def test_ddpo_sf_takes_one_step_per_epoch(tiny):
-    cfg = _config(tiny, "ddpo-sf", acc=1)
-    algo, notices = resolve_algorithm(cfg)
+    cfg = _config(tiny, "ddpo-sf", acc=1)  # resolution adjusts the accumulation and says so
     assert cfg.train.gradient_accumulation_steps == 2  # 4 samples / micro-batch 2
-    assert len(notices) == 1 and "gradient_accumulation_steps" in notices[0]
+    assert len(cfg.notices) == 1 and "gradient_accumulation_steps" in cfg.notices[0]
     cfg8 = load_config(values={"algorithm": {"name": "ddpo-sf"}, "sample": {"batch_size": 4, "num_batches_per_epoch": 2},
                                "train": {"batch_size": 2, "gradient_accumulation_steps": 1}})
-    resolve_algorithm(cfg8)
     assert cfg8.train.gradient_accumulation_steps == 4 and cfg8.updates_per_epoch == 1
     # Already right: no notice.
-    assert resolve_algorithm(_config(tiny, "ddpo-sf", acc=2))[1] == []
+    assert _config(tiny, "ddpo-sf", acc=2).notices == ()
 
     s = Setup(tiny, _config(tiny, "ddpo-sf", acc=1))
     s.update()
@@ -157,15 +155,13 @@ def test_ddpo_sf_takes_one_step_per_epoch(tiny):
 
 def test_ddpo_sf_rejects_several_inner_epochs(tiny):
     with pytest.raises(ConfigError, match="num_inner_epochs"):
-        resolve_algorithm(_config(tiny, "ddpo-sf", inner=2))
+        _config(tiny, "ddpo-sf", inner=2)
 
 
 @pytest.mark.parametrize("algo", ["ddpo-is", "ddpo-sf"])
 def test_ddpo_rejects_deterministic_sampling(tiny, algo):
-    cfg = _config(tiny, algo)
-    cfg.sample.eta = 0.0
     with pytest.raises(ConfigError, match="sample.eta"):
-        resolve_algorithm(cfg)
+        _config(tiny, algo).with_changes({"sample.eta": 0.0})
 
 
 def test_zero_advantages_leave_lora_unchanged(tiny):
@@ -207,13 +203,13 @@ def test_build_options_validates_names_and_types():
         build_options(SparseRWR, {"percentile": 150}, "rwr-sparse")
 
 
-def test_resolve_algorithm_writes_back_resolved_options(tiny):
+def test_resolution_writes_back_resolved_options(tiny):
     cfg = _config(tiny, "ddpo-is", clip_range=0.2)
-    algo, _ = resolve_algorithm(cfg)
+    algo = make_algorithm(cfg)
     assert algo.options.clip_range == 0.2
     assert cfg.algorithm.options == {"clip_range": 0.2, "adv_clip_max": 5.0}
     with pytest.raises(ConfigError, match="Did you mean"):
-        resolve_algorithm(_config(tiny, "rwr", bta=0.1))
+        _config(tiny, "rwr", bta=0.1)
 
 
 # -- gradients against independent formulas -----------------------------------------------------------
@@ -299,10 +295,12 @@ def _assert_grads_match(policy: DiffusionPolicy, my_loss: torch.Tensor, grads: d
 
 
 @pytest.mark.parametrize("algo,perturb", [("ddpo-is", False), ("ddpo-is", True), ("ddpo-sf", False)])
-def test_ddpo_gradient_equals_hand_written_formula(tiny, algo, perturb):
+@pytest.mark.parametrize("forward_batch", [0, 2], ids=["steps-batched", "one-step-per-call"])
+def test_ddpo_gradient_equals_hand_written_formula(tiny, algo, perturb, forward_batch):
     clip = 0.02
     options = {"clip_range": clip} if algo == "ddpo-is" else {}
-    s = Setup(tiny, _config(tiny, algo, acc=2, **options), advantages=torch.tensor([1.0, -0.5, 7.0, -1.5]))
+    cfg = _config(tiny, algo, acc=2, **options).with_changes({"train.max_forward_batch": forward_batch})
+    s = Setup(tiny, cfg, advantages=torch.tensor([1.0, -0.5, 7.0, -1.5]))
     if perturb:  # move away from the sampling weights so that the ratio leaves the clip range for some rows
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
@@ -322,19 +320,56 @@ def test_ddpo_gradient_equals_hand_written_formula(tiny, algo, perturb):
     adv = torch.clamp(batch.advantages[idx], -5.0, 5.0)
 
     lp = _my_log_prob(s.policy, _guided(s.policy, x_t, t, embeds, neg), x_t, t, x_next).float()
-    n_train, acc = STEPS, 2
+    n_train, acc, mb = STEPS, 2, 2
+    k = len(rows) // mb  # trained steps in this UNet call: all 3 batched, or 1 per call
+    assert k == (STEPS if forward_batch == 0 else 1)
     if algo == "ddpo-is":
         ratio = torch.exp(lp - old)
         loss = torch.mean(torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)))
         if not perturb:
-            torch.testing.assert_close(ratio.detach(), torch.ones(2), rtol=0, atol=1e-5)
+            torch.testing.assert_close(ratio.detach(), torch.ones(len(rows)), rtol=0, atol=1e-5)
         else:
             outside = (ratio.detach() - 1).abs() > clip
             assert outside.any(), "perturbation too small to exercise clipping"
     else:
         loss = torch.mean(-adv * lp)
-    _assert_grads_match(s.policy, loss / (acc * n_train), grads)
-    torch.testing.assert_close(algo_loss, (loss / (acc * n_train)).detach(), rtol=1e-3, atol=1e-6)
+    # The per-step losses' mean over the k steps of this call, each step weighted 1 / (acc * n_train).
+    _assert_grads_match(s.policy, loss * k / (acc * n_train), grads)
+    torch.testing.assert_close(algo_loss, (loss * k / (acc * n_train)).detach(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["ddpo-is", "ddpo-sf"])
+def test_batched_steps_update_equals_the_per_step_loop(tiny, algo):
+    """The speed-up (several trained steps per UNet call) changes no loss, metric or weight: a whole
+    update with the steps batched ends where the reference's one-step-per-call loop ends."""
+    results = []
+    for forward_batch in (2, 0, 4):  # one step per call (the reference), all steps, chunks of 2 + 1
+        cfg = _config(tiny, algo, acc=2, inner=1 if algo == "ddpo-sf" else 2).with_changes(
+            {"train.max_forward_batch": forward_batch})
+        s = Setup(tiny, cfg, advantages=torch.tensor([1.0, -0.5, 2.0, -1.5]))
+        grads: list[dict[str, torch.Tensor]] = []  # the accumulated gradient at every optimizer step
+        step = s.optimizer.step
+
+        def recording_step(*args, _step=step, _s=s, _grads=grads, **kwargs):
+            _grads.append({n: p.grad.clone() for n, p in _s.policy.unet.named_parameters() if p.requires_grad})
+            return _step(*args, **kwargs)
+
+        s.optimizer.step = recording_step
+        metrics = s.update()
+        results.append((metrics, grads))
+    (m_ref, g_ref), *others = results
+    assert len(g_ref) >= (1 if algo == "ddpo-sf" else 2) and max(float(g.abs().max()) for g in g_ref[0].values()) > 0
+    for metrics, grads in others:
+        assert len(grads) == len(g_ref)
+        for key in ("loss", "approx_kl", "clipfrac"):
+            assert metrics[key] == pytest.approx(m_ref[key], rel=1e-4, abs=1e-7), key
+        # Every optimizer step (the second after an AdamW update, inner epochs included) sees the same
+        # gradient; the weights then follow (AdamW magnifies rounding only where a gradient is ~0).
+        # Float32 sums in another order: compare the whole gradient vector, relative to its norm.
+        for g, r in zip(grads, g_ref):
+            ref = torch.cat([t.flatten() for t in r.values()]).double()
+            got = torch.cat([g[name].flatten() for name in r]).double()
+            assert float((got - ref).norm() / ref.norm()) < 1e-5
 
 
 @pytest.mark.parametrize("algo", ["rwr", "rwr-sparse"])
@@ -363,8 +398,8 @@ def test_rwr_gradient_equals_weighted_denoising_formula(tiny, algo):
 def test_rwr_weights_are_softmax_times_count_per_prompt(tiny):
     rewards = torch.tensor([1.0, 4.0, -2.0, 3.0, 0.5, 10.0])
     prompts = ["a", "b", "a", "b", "a", "c"]
-    algo, _ = resolve_algorithm(_config(tiny, "rwr", beta=0.5))
-    w = algo.advantages(rewards, prompts, None)
+    algo = make_algorithm(_config(tiny, "rwr", beta=0.5))
+    w = algo.advantages(rewards, prompts)
     expected = torch.zeros(6, dtype=torch.float64)
     for p in set(prompts):
         idx = [i for i, q in enumerate(prompts) if q == p]
@@ -375,34 +410,34 @@ def test_rwr_weights_are_softmax_times_count_per_prompt(tiny):
     assert float(w[5]) == pytest.approx(1.0)  # a prompt with one sample gets weight 1
     assert float(w.sum()) == pytest.approx(6.0)
 
-    algo_batch, _ = resolve_algorithm(_config(tiny, "rwr", beta=0.5, per_prompt=False))
+    algo_batch = make_algorithm(_config(tiny, "rwr", beta=0.5, per_prompt=False))
     e = torch.exp(0.5 * rewards.double())
-    torch.testing.assert_close(algo_batch.advantages(rewards, prompts, None).double(), e / e.sum() * 6,
+    torch.testing.assert_close(algo_batch.advantages(rewards, prompts).double(), e / e.sum() * 6,
                                rtol=1e-6, atol=1e-6)
 
 
 def test_rwr_sparse_weights_keep_top_decile_per_prompt(tiny):
-    algo, _ = resolve_algorithm(_config(tiny, "rwr-sparse"))
+    algo = make_algorithm(_config(tiny, "rwr-sparse"))
     # prompt a: 90th percentile of 1..5 is 4.6 -> keeps 5; prompt b: of [0,5,7,7,10] is 8.8 -> keeps 10.
     rewards = torch.tensor([1.0, 10.0, 2.0, 0.0, 3.0, 5.0, 4.0, 7.0, 5.0, 7.0])
     prompts = ["a", "b"] * 5
-    w = algo.advantages(rewards, prompts, None)
+    w = algo.advantages(rewards, prompts)
     expected = torch.zeros(10)
     expected[1] = expected[8] = 10 / 2
     assert w.dtype == torch.float32
     assert torch.equal(w, expected)
 
     # Over the whole batch (per_prompt = false) only the single best sample survives.
-    algo_batch, _ = resolve_algorithm(_config(tiny, "rwr-sparse", per_prompt=False))
-    w = algo_batch.advantages(rewards, prompts, None)
+    algo_batch = make_algorithm(_config(tiny, "rwr-sparse", per_prompt=False))
+    w = algo_batch.advantages(rewards, prompts)
     assert torch.equal(w, torch.tensor([0.0, 10.0] + [0.0] * 8))
 
     # Ties at the threshold are all kept; a lower percentile keeps more.
-    assert torch.equal(algo.advantages(torch.full((4,), 3.0), ["p"] * 4, None), torch.ones(4))
-    algo50, _ = resolve_algorithm(_config(tiny, "rwr-sparse", percentile=50.0))
+    assert torch.equal(algo.advantages(torch.full((4,), 3.0), ["p"] * 4), torch.ones(4))
+    algo50 = make_algorithm(_config(tiny, "rwr-sparse", percentile=50.0))
     r = torch.tensor([1.0, 2.0, 3.0, 4.0])
     kept = r >= float(np.percentile(r.numpy(), 50))
-    assert torch.equal(algo50.advantages(r, ["p"] * 4, None), kept.float() * 4 / int(kept.sum()))
+    assert torch.equal(algo50.advantages(r, ["p"] * 4), kept.float() * 4 / int(kept.sum()))
 
 
 # -- the trainer end to end, in-process ----------------------------------------------------------------
@@ -519,8 +554,7 @@ def test_train_rwr_with_deterministic_sampling_fails_before_loading(tiny, tmp_pa
 
 @pytest.mark.parametrize("algo", ["ddpo-is", "ddpo-sf"])
 def test_ddpo_timestep_window_trains_only_the_noisiest_steps(tiny, algo):
-    cfg = _config(tiny, algo)
-    cfg.train.timestep_window = 0.7  # int(3 * 0.7) = 2: the first two of the three steps
+    cfg = _config(tiny, algo).with_changes({"train.timestep_window": 0.7})  # int(3 * 0.7) = 2: the first two of three steps
     s = Setup(tiny, cfg)
     seen = []
     step_log_prob = s.policy.step_log_prob
@@ -532,9 +566,9 @@ def test_ddpo_timestep_window_trains_only_the_noisiest_steps(tiny, algo):
     s.policy.step_log_prob = recording
     s.update()
     allowed = {int(v) for v in s.batch.timesteps[:2]}
-    # Every micro-batch trains each of its rows on both window steps and never on the last one.
-    assert len(seen) == 2 * (4 // cfg.train.batch_size)
-    assert set().union(*map(set, seen)) == allowed
+    # Every micro-batch trains each of its rows on both window steps (in one UNet call) and never on the last.
+    assert len(seen) == 4 // cfg.train.batch_size
+    assert all(set(t) == allowed for t in seen)
 
 
 def test_gradient_snr_estimator_recovers_known_signal_and_noise():

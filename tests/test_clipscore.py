@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo_fixtures import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    block_network,
-    empty_hf_cache,
-    pil_image_processor,
-    smooth_images,
-    tiny_hf_clip,
-)
+from helpers import block_network, empty_hf_cache, pil_image_processor
 
 from rlbench.checker import check_reward
-from rlbench.nets.clip import PixelSpec
 from rlbench.errors import ConfigError, WeightsNotAvailable
+from rlbench.nets.clip import PixelSpec
 from rlbench.registry import make_reward
 from rlbench.rewards.clipscore import CLIPScore
+from rlbench.testing import OPENAI_MEAN, OPENAI_STD, smooth_images, tiny_hf_clip
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "a " + "very long " * 100 + "prompt",
            "a photo of a cat", "an oil painting of a lighthouse at dusk", "x", "the word 'hello' in neon",
@@ -78,8 +71,8 @@ def test_card() -> None:
     assert card.higher_is_better and card.deterministic and card.differentiable
     assert card.weights == "openai/clip-vit-large-patch14" and card.license == "MIT"
     assert "[0, 100]" in card.score_range and "2104.08718" in card.paper
-    assert CLIPScore.weights.allow_patterns and "model.safetensors" in CLIPScore.weights.allow_patterns
-    assert not any(p.endswith((".bin", ".h5", ".msgpack")) for p in CLIPScore.weights.allow_patterns)
+    assert CLIPScore.weights_spec.allow_patterns and "model.safetensors" in CLIPScore.weights_spec.allow_patterns
+    assert not any(p.endswith((".bin", ".h5", ".msgpack")) for p in CLIPScore.weights_spec.allow_patterns)
 
 
 @pytest.mark.parametrize("bad", [{"dtype": "fp8"}, {"batch_size": -1}, {"model": "x"}])

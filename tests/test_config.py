@@ -251,3 +251,91 @@ def test_model_folder_presets_from_rlbench_json(tmp_path) -> None:
     (folder / "rlbench.json").write_text('{"train_defaults": {"sample.num_step": 12}}')
     with pytest.raises(ConfigError, match="num_steps"):  # a typo in a preset is caught like a user's
         load_config(None, [f"model.name={folder}"])
+
+
+# -- one resolution: frozen, finite, devices that exist, algorithm adjustments as notices ------------------
+
+
+def test_resolved_config_is_frozen_and_changes_make_a_new_one() -> None:
+    cfg = load_config(values={"model": {"name": "sd-1.5"}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sample.eta = 0.5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sample = None  # type: ignore[misc]
+    changed = cfg.with_changes({"sample.eta": 0.5})
+    assert (changed.sample.eta, cfg.sample.eta) == (0.5, 1.0) and changed.resolved
+    with pytest.raises(ConfigError, match="sample.eta must be > 0"):
+        cfg.with_changes({"sample.eta": 0.0})  # re-resolved: ddpo-is refuses a deterministic policy
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.learning_rate=inf", "train.learning_rate must be a finite number"),
+    ("train.learning_rate=nan", "train.learning_rate must be a finite number"),
+    ("sample.guidance_scale=-inf", "sample.guidance_scale must be a finite number"),
+    ("algorithm.clip_range=inf", "algorithm.clip_range must be a finite number"),
+    ("sample.eta=1.5", "sample.eta must be in [0, 1]"),
+    ("model.lora_alpha=0", "model.lora_alpha must be > 0"),
+    ("train.adam_epsilon=0", "train.adam_epsilon must be > 0"),
+    ("run.seed=-1", "run.seed must be >= 0"),
+])
+def test_every_number_is_finite_and_in_range(override, fragment) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert fragment in str(err.value)
+
+
+def test_a_device_the_machine_lacks_is_an_error(monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            load_config(overrides=[f"model.device={device}"])
+    with pytest.raises(ConfigError, match="not a device"):
+        load_config(overrides=["model.device=tpu"])
+    with pytest.raises(ConfigError, match="fp16' needs a CUDA GPU"):
+        load_config(overrides=["model.mixed_precision=fp16"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert load_config(overrides=["model.device=cuda:1"]).model.device == "cuda:1"
+    with pytest.raises(ConfigError, match="has 2 GPU"):
+        load_config(overrides=["model.device=cuda:2"])
+    assert load_config(overrides=["model.device=cpu"]).model.device == "cpu"
+
+
+def test_algorithm_adjustments_happen_in_the_resolution_and_are_notices() -> None:
+    from typer.testing import CliRunner
+
+    from rlbench.cli import app
+
+    values = {"algorithm": {"name": "ddpo-sf"}, "sample": {"batch_size": 8, "num_batches_per_epoch": 2},
+              "train": {"batch_size": 4, "gradient_accumulation_steps": 1}}
+    cfg = load_config(values=values)
+    assert cfg.train.gradient_accumulation_steps == 4 and cfg.updates_per_epoch == 1
+    assert len(cfg.notices) == 1 and "gradient_accumulation_steps set to 4" in cfg.notices[0]
+    assert "notices" not in cfg.to_toml() and tomllib.loads(cfg.to_toml())["train"]["gradient_accumulation_steps"] == 4
+    out = CliRunner().invoke(app, ["config", "--set", "algorithm.name=ddpo-sf"])
+    assert out.exit_code == 0 and out.output.startswith("# notice: ddpo-sf: train.gradient_accumulation_steps")
+
+
+def test_training_resolves_the_config_exactly_once(monkeypatch, tmp_path) -> None:
+    """The CLI resolves, the trainer reads: no second build or validation of the run's config."""
+    import rlbench.config as config_module
+    from rlbench.train import trainer
+
+    calls = []
+    real = config_module.resolve
+    monkeypatch.setattr(config_module, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr("rlbench.diffusion.policy.load_policy", stop)  # stop before any model loads
+    cfg = trainer.resolve_config(values={"model": {"name": "sd-1.5"}, "run": {"out": str(tmp_path / "r")}})
+    with pytest.raises(Stop):
+        trainer.prepare(cfg, log=None)
+    assert len(calls) == 1

@@ -5,19 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from zoo_fixtures import (
-    TINY_OPEN_CLIP_NAME,
-    block_network,
-    empty_hf_cache,
-    smooth_images,
-    tiny_hps_checkpoint,
-)
+from helpers import block_network, empty_hf_cache
 
 from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, WeightsNotAvailable
 from rlbench.nets.preprocess import CLIP_MEAN, CLIP_STD
 from rlbench.registry import make_reward
 from rlbench.rewards.hpsv2 import HPS_FILES, HPSv2, hps_pixels
+from rlbench.testing import TINY_OPEN_CLIP_NAME, smooth_images, tiny_hps_checkpoint
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "a " + "very long " * 100 + "prompt",
            "a photo of a cat", "an oil painting of a lighthouse at dusk"]

@@ -95,3 +95,31 @@ def test_cli_download_offline_is_a_clear_error_and_shipped_rewards_need_nothing(
     assert proc.returncode == 2 and "HF_HUB_OFFLINE" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli(["rewards", "download", "shapes-clip"])
     assert proc.returncode == 0 and "no weights to download" in proc.stdout
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("ON", True), ("yes", True), ("True", True),
+                                            ("0", False), ("off", False), ("", False)])
+def test_one_offline_check_reads_hf_hub_offline_as_the_hub_does(monkeypatch, value, offline) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub.is_offline() is offline
+
+
+@pytest.mark.parametrize("value", ["1", "ON"])
+def test_the_policy_uses_the_same_offline_check(monkeypatch, value) -> None:
+    """With HF_HUB_OFFLINE set (any spelling the hub accepts) a hub model missing from the cache is an error
+    naming the fix, and no download is attempted."""
+    from diffusers import UNet2DConditionModel
+
+    from rlbench.diffusion.policy import DiffusionPolicy
+
+    tried = []
+
+    def from_pretrained(source, subfolder=None, local_files_only=False, **kwargs):
+        tried.append(local_files_only)
+        raise OSError(f"{source} is not in the cache")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", from_pretrained)
+    with pytest.raises(WeightsNotAvailable, match="hf download org/missing-model"):
+        DiffusionPolicy.from_pretrained("org/missing-model")
+    assert tried == [True]  # the cache only: never local_files_only=False

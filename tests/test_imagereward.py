@@ -34,6 +34,7 @@ from rlbench.nets.preprocess import CLIP_MEAN, CLIP_STD
 from rlbench.registry import make_reward
 from rlbench.reward import reward_card
 from rlbench.rewards.imagereward import ImageReward
+from rlbench.testing import TINY_BERT_VOCAB, TINY_BLIP_CONFIG, randomise_, tiny_bert_tokenizer
 
 # Published constants, typed in from ImageReward/ImageReward.py (not imported from the code under test).
 IR_MEAN, IR_STD, IR_MAX_LENGTH = 0.16717362830052426, 1.0333394966054072, 35
@@ -42,11 +43,7 @@ IR_NORM_STD = (0.26862954, 0.26130258, 0.27577711)
 # huggingface.co/THUDM/ImageReward ImageReward.pt: 1,786,880,927 bytes (the reference: "1.79 GB").
 CHECKPOINT_BYTES = 1_786_880_927
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "of", "on", "left", "photo", "cat", "dog",
-         "two", "red", "blue", "green", "circle", "square", "##s", "very", "long", "prompt", "apple", "table"]
-TINY = dict(image_size=32, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
-            text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64, vocab_size=len(VOCAB) + 2,
-            max_position_embeddings=40, projection_dim=16)
+VOCAB, TINY = TINY_BERT_VOCAB, TINY_BLIP_CONFIG  # the tiny bert-uncased vocabulary and BLIP sizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,23 +252,6 @@ def original_scores(model, tokenizer, images, prompts, size):
     return torch.tensor(out)
 
 
-def randomise(model: nn.Module, seed: int) -> None:
-    """Unit-scale activations, LayerNorm affines away from (1, 0), non-zero biases: every tensor matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=g)
-                if isinstance(module, nn.LayerNorm):
-                    p.copy_((1.0 if name == "weight" else 0.0) + 0.1 * noise)
-                elif name == "bias":
-                    p.copy_(0.1 * noise)
-                elif isinstance(module, (nn.Linear, nn.Conv2d)):
-                    p.copy_(noise / math.sqrt(p[0].numel()))
-                else:  # embeddings, cls_token, pos_embed
-                    p.copy_(0.5 * noise)
-
-
 def blip_tokenizer(folder):
     from transformers import BertTokenizer
 
@@ -285,10 +265,9 @@ def blip_tokenizer(folder):
 def tiny(tmp_path_factory):
     """A tiny ImageReward.pt in the official layout plus a tiny bert-uncased tokenizer folder."""
     root = tmp_path_factory.mktemp("imagereward")
-    (root / "tokenizer").mkdir()
-    (root / "tokenizer" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tiny_bert_tokenizer(root / "tokenizer")
     original = OriginalImageReward(TINY).eval()
-    randomise(original, seed=0)
+    randomise_(original, seed=0)
     torch.save(original.state_dict(), root / "ImageReward.pt")
     return {"ckpt": root / "ImageReward.pt", "tokenizer": root / "tokenizer", "original": original,
             "tok": blip_tokenizer(root / "tokenizer")}
@@ -323,7 +302,7 @@ def test_card() -> None:
     assert "THUDM/ImageReward/ImageReward.pt@5736be03b265" in card.weights and "bert-base-uncased" in card.weights
     assert card.license == "apache-2.0"
     assert "arXiv:2304.05977" in card.paper and "N(0, 1)" in card.score_range
-    assert [s.option for s in ImageReward.weights] == ["weights", "tokenizer"]
+    assert [s.option for s in ImageReward.weights_spec] == ["weights", "tokenizer"]
 
 
 def test_options_are_validated_and_construction_loads_nothing(tiny) -> None:

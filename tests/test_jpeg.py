@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from helpers import random_images
-from rlbench.utils.images import to_uint8
 from rlbench.registry import make_reward
-from rlbench.rewards.jpeg import quantize
+from rlbench.rewards.jpeg import jpeg_size
+from rlbench.utils.images import to_uint8
 
 
 def reference_kb(image_chw: np.ndarray) -> float:
@@ -91,11 +91,34 @@ def test_boundary_values_cover_every_level_and_round_half_to_even() -> None:
 def test_quantisation_matches_ddpo_pytorch_exactly(kind) -> None:
     images = IMAGES[kind]()
     reference = ddpo_pytorch_quantize(images)
+    # rlbench's one conversion, on tensors (PNGs of samples, the CLIP-family pre-processing, the VLM
+    # describers, shapes-gold) and on numpy arrays (the JPEG rewards' encoding threads): the same bytes.
+    assert np.array_equal(to_uint8(images, layout="hwc"), reference)
+    assert np.array_equal(to_uint8(images.numpy(), layout="hwc"), reference)
+    assert np.array_equal(to_uint8(images, layout="chw"), reference.transpose(0, 3, 1, 2))
     for i in range(images.shape[0]):
-        assert np.array_equal(quantize(images[i]), reference[i])
-        assert np.array_equal(to_uint8(images[i]), reference[i])  # PNGs of samples quantise the same way
+        assert np.array_equal(to_uint8(images[i]), reference[i])
+        assert np.array_equal(to_uint8(images[i].numpy()), reference[i])
         ours_numpy = np.clip(np.round(images[i].numpy() * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
         assert np.array_equal(ours_numpy, reference[i])
+
+
+def test_to_uint8_clamps_out_of_range_values_and_keeps_its_input() -> None:
+    x = torch.tensor([-0.3, -1e-9, 1.0 + 1e-6, 7.0, 0.5]).reshape(1, 1, 1, 5).repeat(1, 3, 1, 1)
+    before = x.clone()
+    for images in (x, x.numpy(), x.double(), x.numpy().astype(np.float64)):
+        got = to_uint8(images, layout="hwc")
+        assert got.dtype == np.uint8 and got.shape == (1, 1, 5, 3) and got.flags.c_contiguous
+        assert got[0, 0, :, 0].tolist() == [0, 0, 255, 255, 128]
+    assert torch.equal(x, before)
+    with pytest.raises(ValueError, match="layout"):
+        to_uint8(x, layout="nhwc")
+
+
+@pytest.mark.parametrize("kind", ["random-4x37x53", "half-way-values", "odd-17x1"])
+def test_jpeg_size_of_a_float_image_equals_that_of_its_uint8_image(kind) -> None:
+    for image in IMAGES[kind]().numpy():
+        assert jpeg_size(image) == jpeg_size(to_uint8(image)) == round(reference_kb(image) * 1000)
 
 
 @pytest.mark.parametrize("kind", list(IMAGES))
@@ -154,3 +177,14 @@ def test_cards() -> None:
     assert inc.card.higher_is_better and comp.card.higher_is_better
     assert "2305.13301" in inc.card.paper
     assert inc.card.weights == "none"
+
+
+def test_the_encoding_threads_get_numpy_views_not_tensors() -> None:
+    """The threads quantise with numpy (torch ops in extra threads slow later torch ops on small CPUs), and
+    CPU images reach them without a copy of the batch."""
+    from rlbench.rewards.jpeg import _per_image
+
+    images = random_images(3, 16, seed=14)
+    arrays = _per_image(images)
+    assert isinstance(arrays, np.ndarray) and arrays.dtype == np.float32
+    assert np.shares_memory(arrays, images.numpy())

@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig
-from zoo_fixtures import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    PREPROCESSOR_CONFIG,
-    block_network,
-    empty_hf_cache,
-    pil_image_processor,
-    smooth_images,
-    tiny_hf_clip,
-    write_clip_tokenizer,
-    write_preprocessor,
-)
+from helpers import block_network, empty_hf_cache, pil_image_processor
 
 from rlbench.checker import check_reward
-from rlbench.nets.clip import PixelSpec
 from rlbench.errors import ConfigError, WeightsNotAvailable
+from rlbench.nets.clip import PixelSpec
 from rlbench.nets.preprocess import clip_pixels_exact
 from rlbench.registry import make_reward
 from rlbench.rewards.pickscore import PickScore
+from rlbench.testing import (OPENAI_MEAN, OPENAI_STD, PREPROCESSOR_CONFIG, smooth_images, tiny_clip_processor,
+                             tiny_hf_clip)
 
 PROMPTS = ["a photo of a cat", "two red circles left of a blue square", "a " + "very long " * 100 + "prompt",
            "a photo of a cat", "an oil painting of a lighthouse at dusk"]
@@ -37,10 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pickscore")
     model = tiny_hf_clip(root / "PickScore_v1", projection_dim=16, seed=1, tokenizer=False)
-    processor = root / "CLIP-ViT-H-14-laion2B-s32B-b79K"
-    write_clip_tokenizer(processor, pad_token="!")  # LAION's tokenizer pads with "!" (id 0), as open_clip
-    write_preprocessor(processor)
-    CLIPConfig().save_pretrained(processor)  # the LAION repo's config.json: what makes AutoProcessor a CLIPProcessor
+    # LAION's tokenizer pads with "!" (id 0), as open_clip; its config.json makes AutoProcessor a CLIPProcessor
+    processor = tiny_clip_processor(root / "CLIP-ViT-H-14-laion2B-s32B-b79K", pad_token="!")
     return {"weights": str(model), "processor": str(processor)}
 
 
@@ -86,7 +75,7 @@ def test_card() -> None:
     assert card.higher_is_better and card.deterministic and card.differentiable
     assert "yuvalkirstain/PickScore_v1" in card.weights and "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in card.weights
     assert "2305.01569" in card.paper and "logit_scale" in card.score_range and "MIT" in card.license
-    model_spec, proc_spec = PickScore.weights
+    model_spec, proc_spec = PickScore.weights_spec
     assert (model_spec.option, proc_spec.option) == ("weights", "processor")
     assert model_spec.allow_patterns == ("config.json", "model.safetensors")  # not the duplicate .bin
     assert {"config.json", "preprocessor_config.json", "tokenizer.json"} <= set(proc_spec.allow_patterns)
@@ -96,7 +85,7 @@ def test_card() -> None:
 
 def test_card_names_the_weights_in_use(folders, reward) -> None:
     assert folders["weights"] in make_reward("pickscore", **folders).card.weights
-    assert [s.source for s in reward.weights] == [folders["weights"], folders["processor"]]
+    assert [s.source for s in reward.weights_in_use] == [folders["weights"], folders["processor"]]
 
 
 @pytest.mark.parametrize("bad", [{"dtype": "float64"}, {"batch_size": 0}, {"device": "nonsense"}, {"colour": 1}])

@@ -17,9 +17,10 @@ from rlbench.errors import (
     RewardContractError,
     WeightsNotAvailable,
 )
-from rlbench.registry import REWARDS
-from rlbench.reward import CheckedReward, RewardOutput, reward_card
-from rlbench.registry import make_reward
+from rlbench.registry import REWARDS, make_reward
+from rlbench.reward import CheckedReward, Reward, RewardOutput, reward_card
+from rlbench.testing import TINY_REWARDS, tiny_reward
+from rlbench.weights import WeightsSpec, specs_of
 
 
 def _nan(images, prompts, metadata):
@@ -168,6 +169,30 @@ def test_plain_plugin_card_has_neutral_defaults() -> None:
     assert card.weights == "none"
 
 
+def test_card_reads_declared_in_use_and_legacy_weight_specs() -> None:
+    spec, local = WeightsSpec("org/model", license="MIT"), WeightsSpec("/my/copy")
+
+    class Declared(Reward):
+        weights_spec = spec
+
+        def __init__(self, weights=None):
+            if weights is not None:
+                self.weights_in_use = WeightsSpec(str(weights))
+
+    class Legacy(Reward):  # a plugin written against the old name: `weights` as the declared spec
+        weights = (spec,)
+
+    class NotSpecs:  # `weights` meaning something else entirely is not read as weight sources
+        weights = [0.5, 0.5]
+
+    assert specs_of(Declared) == specs_of(Declared()) == (spec,)
+    assert specs_of(Declared(weights="/my/copy")) == (local,)
+    assert specs_of(Legacy) == specs_of(Legacy()) == (spec,)
+    assert specs_of(NotSpecs()) == ()
+    assert reward_card(Legacy()).weights == "org/model" and reward_card(Legacy()).license == "MIT"
+    assert reward_card(Declared(weights="/my/copy")).weights == "/my/copy"
+
+
 @pytest.mark.parametrize("error", [WeightsNotAvailable, DependencyNotInstalled])
 def test_missing_weights_or_dependency_is_not_reported_as_a_contract_violation(error) -> None:
     def needs_weights(images, prompts, metadata):
@@ -256,14 +281,26 @@ def test_nan_pixels_are_an_input_error() -> None:
 # -- conformance: every registered reward -----------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """Where the tiny random weights of the weight-backed rewards are written (once per session)."""
+    return tmp_path_factory.mktemp("tiny-zoo")
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", REWARDS.names(), ids=REWARDS.names())
-def test_every_registered_reward_passes_check_reward(name) -> None:
-    try:
-        reward = make_reward(name)
-        check_reward(reward)
-    except (DependencyNotInstalled, WeightsNotAvailable) as exc:
-        pytest.skip(f"{name}: {exc}")
+def test_every_registered_reward_passes_check_reward(name, tiny_zoo) -> None:
+    # No skips: a weight-backed reward loads tiny random weights, written in its official formats by
+    # rlbench.testing, through its normal loading path; the others load what ships with them.
+    reward = tiny_reward(name, tiny_zoo)
+    check_reward(reward)
     assert reward.card.name == name
+
+
+def test_tiny_instances_are_of_registered_zoo_rewards_and_declare_hub_or_url_weights() -> None:
+    for name in TINY_REWARDS:
+        assert REWARDS.entry(name).target.startswith("rlbench.rewards."), name
+        assert any(s.source != "rlbench" for s in specs_of(REWARDS.load(name))), name
 
 
 # -- construction options ---------------------------------------------------------------------------

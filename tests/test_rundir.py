@@ -139,7 +139,7 @@ def test_save_checkpoint(tmp_path) -> None:
     assert run.checkpoint_epochs() == [1] and run.latest_checkpoint() == 1
     # Saving the same epoch again replaces it.
     run.save_checkpoint(1, write_files({"weights.safetensors": b"w1b"}))
-    assert sorted(p.name for p in run.checkpoint_dir(1).iterdir()) == ["weights.safetensors"]
+    assert sorted(p.name for p in run.checkpoint_dir(1).iterdir()) == ["manifest.json", "weights.safetensors"]
     assert (run.checkpoint_dir(1) / "weights.safetensors").read_bytes() == b"w1b"
 
 

@@ -19,6 +19,7 @@ from rlbench.shapes import aesthetic
 from rlbench.shapes.train_proxies import main as train_main
 from rlbench.shapes.train_proxies import train_aesthetic
 from rlbench.shapes.world import Obj, Scene, render_batch, sample_batch
+from rlbench.utils.stats import spearman
 
 N_FRESH = 500
 FRESH_SEED = 4242  # neither the training seed (0) nor the config's evaluation seed
@@ -130,7 +131,7 @@ def test_gold_ignores_the_prompt_and_is_in_range(gold) -> None:
 def test_shipped_proxy_loads_strictly_and_matches_its_card(proxy) -> None:
     folder = aesthetic.shipped_folder()
     digest = hashlib.sha256((folder / aesthetic.WEIGHTS_FILE).read_bytes()).hexdigest()
-    assert digest == ShapesAesthetic.weights.sha256
+    assert digest == ShapesAesthetic.weights_spec.sha256
     model = proxy.model()
     config = json.loads((folder / aesthetic.CONFIG_FILE).read_text())
     assert aesthetic.n_params(model) == config["architecture"]["params"] < 100_000
@@ -143,7 +144,7 @@ def test_shipped_proxy_rank_correlates_with_gold_on_fresh_renders(gold, proxy) -
     x = _tensor(images)
     g = gold(x, captions).scores.numpy()
     p = proxy(x, captions).scores.numpy()
-    rho = aesthetic.spearman(p, g)
+    rho = spearman(p, g)
     print(f"\nshapes-aesthetic vs gold, Spearman on {N_FRESH} fresh renders: {rho:.4f}")
     assert rho >= MIN_SPEARMAN
     assert 0.0 < p.min() and p.max() < 1.0

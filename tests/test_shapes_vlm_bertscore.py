@@ -13,7 +13,8 @@ from rlbench.errors import ConfigError, WeightsNotAvailable
 from rlbench.registry import make_reward
 from rlbench.rewards import shapes_vlm_bertscore as module
 from rlbench.rewards.shapes_vlm_bertscore import ShapesVLMBERTScore, agreement_pairs, gold_agreement
-from rlbench.shapes.clip_train import shipped_clip, spearman
+from rlbench.shapes.clip_train import shipped_clip
+from rlbench.utils.stats import spearman
 
 # Spearman rank correlation with shapes-gold on AGREEMENT_PAIRS fresh renders (half own captions, half
 # a random other caption): measured 0.75 / 0.71 on 512 renders (seeds 0 / 1), 0.74-0.76 on 256

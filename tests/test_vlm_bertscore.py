@@ -1,7 +1,7 @@
 """``vlm-bertscore`` (DDPO's alignment reward) and rlbench.nets.vlm's describers, on a tiny random LLaVA.
 
 The in-process describer runs the REAL classes (LlavaForConditionalGeneration, LlavaProcessor) with a
-tiny random config saved in the llava-hf on-disk layout (:func:`rlbench.nets.vlm.write_tiny_llava`); the
+tiny random config saved in the llava-hf on-disk layout (:func:`rlbench.testing.write_tiny_llava`); the
 endpoint describer talks to a stdlib http.server fake on 127.0.0.1. BERTScore runs on the real
 shipped all-MiniLM-L6-v2.
 """
@@ -26,7 +26,8 @@ from rlbench.checker import check_reward
 from rlbench.errors import ConfigError, WeightsNotAvailable
 from rlbench.registry import make_reward
 from rlbench.rewards.vlm_bertscore import QUESTION, REFERENCE, VLMBERTScore
-from rlbench.nets.vlm import EndpointDescriber, TransformersDescriber, VLMEndpointError, is_loopback, write_tiny_llava
+from rlbench.nets.vlm import EndpointDescriber, TransformersDescriber, VLMEndpointError, is_loopback
+from rlbench.testing import write_tiny_llava
 
 PROMPTS = ["a cat riding a bike", "two red circles left of a blue square", "a dog", "a pig washing the dishes",
            "three green triangles"]
@@ -57,7 +58,7 @@ def test_ddpo_question_reference_and_card() -> None:
     assert card.name == "vlm-bertscore" and card.deterministic and not card.differentiable and card.higher_is_better
     assert "llava-hf/llava-1.5-7b-hf" in card.weights and "all-MiniLM-L6-v2" in card.weights
     assert "DDPO" in card.paper and "BERTScore" in card.paper
-    specs = {s.option: s for s in VLMBERTScore.weights}
+    specs = {s.option: s for s in VLMBERTScore.weights_spec}
     assert set(specs) == {"vlm", "bertscore_model"}
     assert "*.safetensors" in specs["vlm"].allow_patterns and specs["bertscore_model"].sha256
 
@@ -351,9 +352,9 @@ def test_only_loopback_hosts_unless_allowed() -> None:
 
 
 def test_to_uint8_matches_ddpo_quantisation() -> None:
-    from rlbench.nets.vlm import to_uint8_hwc
+    from rlbench.utils.images import to_uint8
 
     x = torch.tensor([0.0, 0.5 / 255, 1.5 / 255, 0.999, 1.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
-    got = to_uint8_hwc(x.contiguous())
+    got = to_uint8(x.contiguous(), layout="hwc")
     assert got.shape == (1, 1, 5, 3) and got.dtype == np.uint8
     assert got[0, 0, :, 0].tolist() == [0, 0, 2, 255, 255]  # round half to even, as torch.round

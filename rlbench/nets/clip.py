@@ -1,8 +1,9 @@
-"""What the CLIP-family rewards share: options, loading a transformers CLIP from a local folder, the
+"""What the CLIP-family rewards share: loading a transformers CLIP from a local folder, the
 pre-processing read from the folder's processor config, and chunked feature extraction.
 
 Used by ``aesthetic``, ``pickscore`` and ``clipscore`` (transformers ``CLIPModel``) and, for the
-options and chunking, by ``hpsv2`` (open_clip). Everything here works on local paths only; weights
+chunking, by ``hpsv2`` (open_clip); their ``dtype``/``device``/``batch_size`` options are checked by
+:mod:`rlbench.nets.options`. Everything here works on local paths only; weights
 are resolved by :func:`rlbench.weights.resolve` before anything is loaded.
 
 Two pre-processing paths (see :mod:`rlbench.nets.preprocess`):
@@ -33,7 +34,6 @@ from rlbench.errors import ConfigError, WeightsNotAvailable
 from rlbench.nets.preprocess import clip_pixels, clip_pixels_exact
 from rlbench.weights import WeightsSpec
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BICUBIC = 3  # PIL.Image.BICUBIC, the ``resample`` of every CLIP processor config used here
 CLIP_CONTEXT = 77  # CLIP text context length (PickScore README max_length=77; open_clip context_length)
 # The files of an HF CLIP repo a reward needs (allow_patterns): config, safetensors weights, processor and
@@ -42,29 +42,7 @@ HF_CLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json",
                  "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
-# -- options ----------------------------------------------------------------------------------------
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}") from exc
-
-
-def parse_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, float)) or batch_size != int(batch_size) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return int(batch_size)
+# -- the card --------------------------------------------------------------------------------------
 
 
 def used_specs(specs: Sequence[WeightsSpec], overrides: dict[str, Any]) -> tuple[WeightsSpec, ...]:
@@ -281,7 +259,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "DTYPES", "HF_CLIP_FILES", "PixelSpec", "chunks", "cosine", "features", "image_features", "load_hf_clip",
-    "load_hf_tokenizer", "load_tensors", "parse_batch_size", "parse_device", "parse_dtype", "text_features",
-    "unique_prompts", "unit", "used_specs", "wants_grad",
+    "HF_CLIP_FILES", "PixelSpec", "chunks", "cosine", "features", "image_features", "load_hf_clip",
+    "load_hf_tokenizer", "load_tensors", "text_features", "unique_prompts", "unit", "used_specs", "wants_grad",
 ]

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlbench.utils.images import to_uint8
+
 # OpenAI CLIP normalisation (clip/clip.py _transform; open_clip constants OPENAI_DATASET_MEAN/STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,18 +65,14 @@ def clip_pixels(images: torch.Tensor, size: int = CLIP_SIZE, mean=CLIP_MEAN, std
     return _normalise(x, mean, std)
 
 
-def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """Float ``(B, 3, H, W)`` in [0, 1] to uint8 ``(B, H, W, 3)``, rounding as ``PIL.Image.fromarray`` inputs do."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def clip_pixels_exact(images: torch.Tensor, size: int = CLIP_SIZE, mean=CLIP_MEAN, std=CLIP_STD, *,
                       hf: bool = False) -> torch.Tensor:
-    """The official pipelines' pre-processing: uint8 PIL images, PIL bicubic resize, centre crop, normalise."""
+    """The official pipelines' pre-processing: uint8 PIL images (:func:`rlbench.utils.images.to_uint8`), PIL
+    bicubic resize, centre crop, normalise."""
     from PIL import Image
 
     out = []
-    for arr in to_uint8_hwc(images):
+    for arr in to_uint8(images, layout="hwc"):
         img = Image.fromarray(arr)
         nh, nw = resized_shape(img.height, img.width, size)
         if (nh, nw) != (img.height, img.width):

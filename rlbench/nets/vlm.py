@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from rlbench.errors import ConfigError, RLBenchError
-from rlbench.weights import resolve
-from rlbench.weights import WeightsSpec
+from rlbench.nets.options import parse_device, parse_dtype, positive_int
+from rlbench.utils.images import to_uint8
+from rlbench.weights import WeightsSpec, resolve
 
 LLAVA = "llava-hf/llava-1.5-7b-hf"
 # llava-hf/llava-1.5-7b-hf: safetensors shards, tokenizer, processor and chat template only (the
@@ -52,7 +53,6 @@ GENERIC_VLM_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"
 DDPO_JPEG_QUALITY = 80  # ddpo-pytorch rewards.py llava_bertscore: JPEG quality=80 before the request
 DDPO_MAX_TOKENS = 64  # kvablack/LLaVA-server llava_server/llava.py MAX_TOKENS
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"  # vLLM's `vllm serve` default port, loopback
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -61,12 +61,6 @@ class VLMEndpointError(RLBenchError):
 
 
 # -- images -------------------------------------------------------------------------------------------
-
-
-def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, as ddpo-pytorch: ``(x*255).round().clamp``."""
-    x = (images.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def jpeg_bytes(image: np.ndarray, quality: int = DDPO_JPEG_QUALITY) -> bytes:
@@ -83,7 +77,7 @@ def to_pil(images: torch.Tensor, jpeg_quality: int | None = DDPO_JPEG_QUALITY) -
     from PIL import Image
 
     out = []
-    for arr in to_uint8_hwc(images):
+    for arr in to_uint8(images, layout="hwc"):
         if jpeg_quality is None:
             out.append(Image.fromarray(arr))
         else:
@@ -97,12 +91,6 @@ def _check_quality(jpeg_quality: int | None) -> int | None:
     if isinstance(jpeg_quality, bool) or not 1 <= int(jpeg_quality) <= 100:
         raise ValueError(f"jpeg_quality must be in 1..100 or None, got {jpeg_quality!r}")
     return int(jpeg_quality)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 # -- in-process transformers VLM ------------------------------------------------------------------
@@ -136,12 +124,11 @@ class TransformersDescriber:
                  batch_size: int = 8, device: str | torch.device = "cpu", dtype: str | None = None,
                  jpeg_quality: int | None = DDPO_JPEG_QUALITY, reward: str = "vlm-bertscore",
                  option: str = "vlm") -> None:
-        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or None for auto), got {dtype!r}")
-        self.device = torch.device(device)
-        self.dtype = DTYPES[dtype] if dtype else (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.device = parse_device(device)
+        self.dtype = (parse_dtype(dtype) if dtype is not None
+                      else torch.float16 if self.device.type == "cuda" else torch.float32)
         self.jpeg_quality = _check_quality(jpeg_quality)
         self.model_name = None if model in (None, "") else model
         self.reward, self.option = reward, option
@@ -252,11 +239,11 @@ class EndpointDescriber:
             raise ValueError("the endpoint model name must be a non-empty string")
         self.url = str(base_url).rstrip("/") + "/chat/completions"
         self.model = str(model)
-        self.max_tokens = _positive_int("max_tokens", max_tokens)
+        self.max_tokens = positive_int("max_tokens", max_tokens)
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
-        self.concurrency = _positive_int("concurrency", concurrency)
+        self.concurrency = positive_int("concurrency", concurrency)
         self.api_key_env = api_key_env
         if jpeg_quality is None:
             raise ValueError("the endpoint describer sends JPEG: jpeg_quality must be in 1..100")
@@ -329,7 +316,7 @@ class EndpointDescriber:
 
     def describe(self, images: torch.Tensor, question: str) -> list[str]:
         """The endpoint's answer to ``question`` for each image, in order."""
-        jpegs = [jpeg_bytes(a, self.jpeg_quality) for a in to_uint8_hwc(images)]
+        jpegs = [jpeg_bytes(a, self.jpeg_quality) for a in to_uint8(images, layout="hwc")]
         if not jpegs:
             return []
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(jpegs)))
@@ -337,72 +324,3 @@ class EndpointDescriber:
             return list(pool.map(lambda j: self.ask(j, question), jpegs))
         finally:  # on a failure, requests not yet started are dropped
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-# -- a tiny random LLaVA, for tests, benchmarks and plugin CI ---------------------------------------
-
-TINY_LLAVA_WORDS = ("<pad> <s> </s> <unk> USER: ASSISTANT: answer concisely : what is going on in this image ? "
-                    "the a an image contains shows red blue green yellow circle square triangle cat dog bike "
-                    "two three left right of above below on background and").split()
-# The chat template of llava-hf/llava-1.5-7b-hf, reduced to what a single user turn needs:
-# "USER: <image>\n{question} ASSISTANT:".
-TINY_LLAVA_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
-def write_tiny_llava(folder: str | os.PathLike, seed: int = 0, image_size: int = 16, patch_size: int = 8) -> Path:
-    """Save a randomly initialised, tiny ``LlavaForConditionalGeneration`` with its ``LlavaProcessor``.
-
-    The real classes (CLIP vision tower, Llama language model, CLIPImageProcessor, a word-level fast
-    tokenizer with the ``<image>`` token, LLaVA-1.5's chat template) in the on-disk layout of
-    ``llava-hf`` repositories, a few hundred kB: loadable with ``AutoProcessor`` /
-    ``AutoModelForImageTextToText`` like ``llava-hf/llava-1.5-7b-hf``. Its answers are gibberish, but
-    deterministic.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-
-    from rlbench.utils.hf import no_progress_bars
-
-    folder = Path(folder)
-    words = list(dict.fromkeys(TINY_LLAVA_WORDS))
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece()  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>", padding_side="left")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy="default", chat_template=TINY_LLAVA_TEMPLATE,
-                               num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch_size, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
-    with no_progress_bars():
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-    return folder

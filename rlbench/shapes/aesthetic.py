@@ -48,7 +48,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from rlbench.utils.stats import spearman  # noqa: F401 - re-exported for the proxies' tests
 from rlbench.shapes.analyser import Parsed, analyse_batch
 from rlbench.shapes.vocab import IMAGE_SIZE, PALETTE
 

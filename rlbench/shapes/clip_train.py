@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from rlbench.utils.hf import no_progress_bars
-from rlbench.utils.stats import spearman  # noqa: F401 - re-exported for the proxies' tests
+from rlbench.utils.stats import spearman
 from rlbench.shapes.model import MAX_TOKENS, vocabulary, write_tokenizer
 from rlbench.shapes.vocab import IMAGE_SIZE
 

@@ -167,7 +167,7 @@ def save_components(folder: Path, comps: dict[str, Any], words: Iterable[str]) -
     comps["scheduler"].save_pretrained(folder / "scheduler")
     from rlbench.diffusion.policy import RLBENCH_MODEL_FILE
 
-    meta = {"pixel_shuffle": PIXEL_SHUFFLE, "default_prompts": "shapes-train"}
+    meta = {"pixel_shuffle": PIXEL_SHUFFLE, "default_prompts": "shapes-train", "eval_defaults": EVAL_DEFAULTS}
     (folder / RLBENCH_MODEL_FILE).write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -342,8 +342,22 @@ load_shapes_model.train_defaults = {
     "train.timestep_window": 0.5,
     "advantage.min_count": 8,
     "logging.num_samples": 16,
-    "checkpoint.keep": 2,
+    "checkpoint.keep": 0,  # every checkpoint stays: `rlbench eval` compares them with the base model
 }
+
+# What `rlbench eval` uses by default for this model (rlbench.eval.plan.model_eval_defaults): the
+# held-out prompt splits beside the run's training set, the exact gold rewards beside the learned
+# proxies they are the truth of (both proxies are scored for every run, so the cross-reward matrix is
+# complete), and the shipped shapes-clip vision tower for diversity features.
+EVAL_DEFAULTS: dict[str, Any] = {
+    "prompt_sets": ["shapes-heldout-combos", "shapes-heldout-counts", "shapes-heldout-relations"],
+    "rewards": ["shapes-clip", "shapes-aesthetic"],
+    "gold_rewards": ["shapes-gold", "shapes-aesthetic-gold"],
+    "gold_of": {"shapes-gold": ["shapes-clip", "shapes-vlm-bertscore"],
+                "shapes-aesthetic-gold": ["shapes-aesthetic"]},
+    "features": "shapes-clip",
+}
+load_shapes_model.eval_defaults = EVAL_DEFAULTS
 
 
 def vocabulary() -> list[str]:

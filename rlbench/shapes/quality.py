@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rlbench.utils.images import to_uint8
+
 
 def sample_images(policy, prompts: Sequence[str], *, num_steps: int = 20, guidance_scale: float = 5.0,
                   seed: int = 0, batch_size: int = 64) -> np.ndarray:
@@ -25,7 +27,7 @@ def sample_images(policy, prompts: Sequence[str], *, num_steps: int = 20, guidan
         chunk = list(prompts[start : start + batch_size])
         images = policy.sample(chunk, num_steps=num_steps, eta=1.0, guidance_scale=guidance_scale,
                                generator=gen, neg_embeds=neg).images
-        out.append((images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        out.append(to_uint8(images, layout="hwc"))
     return np.concatenate(out)
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from rlbench.shapes import aesthetic
 from rlbench.shapes.world import sample_batch
+from rlbench.utils.stats import spearman
 
 EVAL_SEED = 20240601  # fresh renders for the reported correlation: another seed than any training seed
 EVAL_SIZE = 2000
@@ -91,12 +92,12 @@ def train_aesthetic(
     eval_gold = aesthetic.aesthetic_gold(eval_images)
     pred_eval = aesthetic.predict(model, eval_images)
     metrics = {
-        "eval_spearman": round(aesthetic.spearman(pred_eval, eval_gold), 4),
+        "eval_spearman": round(spearman(pred_eval, eval_gold), 4),
         "eval_pearson": round(float(np.corrcoef(pred_eval, eval_gold)[0, 1]), 4),
         "eval_mse": round(float(np.mean((pred_eval - eval_gold) ** 2)), 6),
         "eval_n": n_eval,
         "eval_seed": eval_seed,
-        "train_spearman": round(aesthetic.spearman(pred_train, gold), 4),
+        "train_spearman": round(spearman(pred_train, gold), 4),
         "train_mse": round(float(np.mean((pred_train - gold) ** 2)), 6),
         "gold_std_eval": round(float(eval_gold.std()), 4),
         "data_seconds": round(t_data, 1),

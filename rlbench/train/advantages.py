@@ -106,15 +106,6 @@ class PerPromptStatTracker:
             advantages[mask] = (r[mask] - mean) / (std + TRACKER_STD_EPS)
         return to_output(advantages, rewards)
 
-    def stats(self) -> dict[str, float]:
-        """Scalars for logging: prompts tracked, mean buffer length, prompts past ``min_count``."""
-        lengths = [len(b) for b in self._buffers.values()]
-        return {
-            "num_prompts": float(len(lengths)),
-            "mean_buffer_len": float(np.mean(lengths)) if lengths else 0.0,
-            "num_ready": float(sum(n >= self.min_count for n in lengths)),
-        }
-
     def state_dict(self) -> dict[str, Any]:
         """Plain-python (JSON-serialisable) state; floats round-trip exactly through ``json``."""
         return {

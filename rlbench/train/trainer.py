@@ -6,7 +6,7 @@ process by default; ``accelerate launch`` for several, gradients all-reduced thr
 DDP-wrapped UNet).
 
 Exact resume: a checkpoint holds the trainable weights, optimizer state, every RNG state (per
-process), the per-prompt stat tracker and the counters. Resuming from checkpoint k re-runs epoch k
+process), the algorithm's state (DDPO's per-prompt reward buffers) and the counters. Resuming from checkpoint k re-runs epoch k
 onwards exactly as an uninterrupted run would (on the same hardware and thread count).
 """
 
@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +24,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rlbench.config import TrainConfig, load_config
+from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, make_algorithm
+from rlbench.config import TrainConfig, ensure_resolved, load_config
 from rlbench.errors import ConfigError, DependencyNotInstalled, RunDirError
 from rlbench.train.rundir import RunDir, atomic_write_text
 
@@ -59,12 +61,18 @@ def epoch_prompts(prompt_set, rng: np.random.Generator, batch_size: int, num_bat
 
 
 def resolve_config(
-    config: str | Path | None = None,
+    config: str | Path | TrainConfig | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, dict[str, Any]] | None = None,
     resume: str | Path | None = None,
 ) -> TrainConfig:
-    """The run's configuration; for ``resume``, the run's own config (only run.epochs may change)."""
+    """The run's configuration, resolved once: from the sources given, or for ``resume`` the run's own
+    config.toml (only run.epochs may change). A :class:`TrainConfig` is used as it is (resolved if built by hand)."""
+    if isinstance(config, TrainConfig):
+        if overrides or values:
+            raise ConfigError("pass either a TrainConfig or overrides/values, not both (TrainConfig.with_changes "
+                              "makes a changed copy).")
+        return ensure_resolved(config)
     if resume is None:
         return load_config(config, overrides, values)
     run = RunDir.open(resume)
@@ -116,13 +124,12 @@ def prepare(
 
     Every plugin is resolved and the whole configuration validated before the model is loaded.
     """
-    from rlbench.algorithm import resolve_algorithm
+    from rlbench.diffusion.policy import load_policy
     from rlbench.prompts import load_prompts
     from rlbench.registry import make_reward
 
-    cfg = config.validate() if isinstance(config, TrainConfig) else resolve_config(config, overrides, values, resume)
-    algorithm, notices = resolve_algorithm(cfg)
-    cfg.validate()
+    cfg = resolve_config(config, overrides, values, resume)  # the one resolution: validated, frozen
+    algorithm = make_algorithm(cfg)
     reward = make_reward(cfg.reward.name, **cfg.reward.options)
     watch = {name: make_reward(name) for name in cfg.logging.watch}  # fail fast on a bad name
     if cfg.logging.wandb:
@@ -130,34 +137,42 @@ def prepare(
             import wandb  # noqa: F401
         except ImportError as exc:
             raise DependencyNotInstalled("logging.wandb = true needs wandb: pip install 'rlbench[wandb]'.") from exc
-    if cfg.model.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("model.mixed_precision = 'fp16' needs a CUDA GPU; use 'no' or 'bf16' on CPU.")
-    prompt_set = load_prompts(cfg.prompts.name) if cfg.prompts.name else None  # fail fast on a bad name
+    prompt_set = load_prompts(cfg.prompts.name)
     if resume is None and cfg.run.out and not overwrite:
-        out = Path(cfg.run.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            RunDir.create(out)  # raises the standard "already exists" error before loading the model
-
-    from rlbench.diffusion.policy import load_policy
-
+        RunDir.check_fresh(cfg.run.out)  # the standard "already exists" error, before loading the model
     policy = load_policy(cfg.model.name, cfg.model.revision)
-    if prompt_set is None:
-        cfg.prompts.name = policy.default_prompts
-        prompt_set = load_prompts(cfg.prompts.name)
     trainer = Trainer(cfg, policy, reward, algorithm, prompt_set, log=log, progress=progress, watch=watch)
-    for notice in notices:
+    for notice in cfg.notices:
         trainer.info(notice)
     return trainer
+
+
+@dataclass
+class Sampled:
+    """One sampling batch of an epoch and, once scored, its rewards: the record each step below passes on."""
+
+    rollout: Any  # rlbench.diffusion.policy.Rollout
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+    pending: Future | None = None  # the scoring in flight
+    scores: torch.Tensor | None = None  # (B,) float32 on the CPU
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # a combined reward's parts
+    seconds_scoring: float = 0.0
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.scores, self.seconds_scoring, self.components = self.pending.result()
+            self.pending = None
 
 
 class Trainer:
     """One training run. Build with resolved parts; :meth:`run` does the epochs."""
 
-    def __init__(self, cfg: TrainConfig, policy, reward, algorithm, prompt_set, log=print, progress=False,
+    def __init__(self, cfg: TrainConfig, policy, reward, algorithm: Algorithm, prompt_set, log=print, progress=False,
                  watch=None) -> None:
         from accelerate import Accelerator
 
-        self.cfg = cfg
+        self.cfg = ensure_resolved(cfg)
         self.policy = policy
         self.reward = reward
         self.watch = dict(watch or {})
@@ -180,16 +195,13 @@ class Trainer:
         torch.manual_seed(seed)  # identical LoRA init on every process
         policy.setup_training(cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         policy.to(self.device, frozen_dtype)
-        policy.model = self.accelerator.prepare(policy.unet)
+        policy.prepare(self.accelerator)
         self.params = policy.trainable_parameters()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.weight_decay, eps=t.adam_epsilon,
         )
-        from rlbench.train.advantages import PerPromptStatTracker
-
-        self.tracker = PerPromptStatTracker(cfg.advantage.buffer_size, cfg.advantage.min_count)
         # Every random draw comes from one of these, so a checkpoint can restore them all.
         self.sample_gen = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)
         self.train_gen = torch.Generator().manual_seed(seed * 1_000_003 + 500_001 + self.rank)
@@ -211,24 +223,42 @@ class Trainer:
 
         if resume is not None:
             run = RunDir.open(resume)
-            start = run.latest_checkpoint() or 0
+            # The main process picks the newest intact checkpoint (a damaged one is named and skipped,
+            # never deleted) and checks metrics.jsonl, so every process resumes from the same epoch.
+            found: list[Any] = [0, [], None]
+            if self.main:
+                try:
+                    epoch, notices = run.latest_intact_checkpoint()
+                    run.read_metrics()
+                    found = [epoch or 0, notices, None]
+                except RunDirError as exc:
+                    found = [0, [], str(exc)]
+            if self.world > 1:
+                broadcast_object_list(found)
+            start, notices, error = found
+            if error is not None:
+                raise RunDirError(error)
+            for notice in notices:
+                self.info(notice)
+            if start:
+                self._load_checkpoint(run, start)  # before the run directory is touched
         else:
             path = [self.cfg.run.out or f"runs/{self.cfg.algorithm.name}-{_slug(self.cfg.reward.name)}-{_now()}"]
             if self.world > 1:
                 broadcast_object_list(path)
-            self.cfg.run.out = path[0]
+            if self.cfg.run.out != path[0]:
+                self.cfg = self.cfg.with_changes({"run.out": path[0]})
             run = RunDir.create(path[0], overwrite=overwrite) if self.main else RunDir(path[0])
             start = 0
         self.accelerator.wait_for_everyone()
         if self.main:
+            for notice in run.truncate_metrics(start - 1):  # e.g. a torn last line dropped
+                self.info(notice)
             run.write_config(self.cfg.to_toml())
-            run.truncate_metrics(start - 1)
             # Samples logged after the checkpoint belong to the interrupted attempt: redo them.
             for epoch in run.sample_epochs():
                 if epoch >= start:
                     shutil.rmtree(run.samples_dir(epoch), ignore_errors=True)
-        if start:
-            self._load_checkpoint(run, start)
         return run, start
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -280,44 +310,70 @@ class Trainer:
         return out.scores.detach().float().cpu(), time.perf_counter() - t0, components
 
     def epoch(self, run: RunDir, epoch: int) -> dict[str, Any]:
+        """sample -> score -> advantages -> update -> log."""
+        t0 = time.perf_counter()
+        sampled = self._sample()
+        t_sampled = time.perf_counter()
+        for s in sampled:
+            s.wait()
+        t_scored = time.perf_counter()
+        rewards, all_rewards, advantages = self._advantages(sampled)
+        batch = self._train_batch(sampled, rewards, advantages)
+        metrics, steps = self._update(batch)
+        t_end = time.perf_counter()
+        record = self._record(epoch, sampled, all_rewards, metrics, steps, seconds={
+            "seconds": t_end - t0, "seconds_sampling": t_sampled - t0,
+            "seconds_scoring": sum(s.seconds_scoring for s in sampled),
+            "seconds_scoring_wait": t_scored - t_sampled, "seconds_training": t_end - t_scored})
+        if self.main:
+            run.append_metrics(record)
+            self._log_samples(run, epoch, sampled)
+            self._log_trackers(record, epoch)
+            self._log_line(record)
+        return record
+
+    def _sample(self) -> list[Sampled]:
+        """The epoch's sampling batches; each is scored as soon as it is sampled (in the background
+        with ``sample.async_reward``, while the next batch samples)."""
         cfg, policy = self.cfg, self.policy
-        t_start = time.perf_counter()
         policy.unet.eval()
-        rollouts, futures, prompts_all, meta_all, batches = [], [], [], [], []
+        out = []
         for prompts, metadata in epoch_prompts(self.prompt_set, self.prompt_rng, cfg.sample.batch_size,
                                                cfg.sample.num_batches_per_epoch, cfg.sample.images_per_prompt):
             ro = policy.sample(prompts, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta,
                                guidance_scale=cfg.sample.guidance_scale, generator=self.sample_gen,
                                neg_embeds=self.neg_embeds)
-            if cfg.sample.async_reward:  # score in the background while the next batch samples
+            s = Sampled(ro, prompts, metadata)
+            if cfg.sample.async_reward:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(1, thread_name_prefix="rlbench-reward")
-                futures.append(self._pool.submit(self._score, ro.images, prompts, metadata))
+                s.pending = self._pool.submit(self._score, ro.images, prompts, metadata)
             else:
-                f: Future = Future()
-                f.set_result(self._score(ro.images, prompts, metadata))
-                futures.append(f)
-            rollouts.append(ro)
-            batches.append((ro.images, prompts, metadata))
-            prompts_all += prompts
-            meta_all += metadata
-        t_sampled = time.perf_counter()
-        results = [f.result() for f in futures]
-        t_scored = time.perf_counter()
-        rewards = torch.cat([r[0] for r in results])
-        scoring_compute = sum(r[1] for r in results)
+                s.scores, s.seconds_scoring, s.components = self._score(ro.images, prompts, metadata)
+            out.append(s)
+        return out
 
-        # Per-prompt statistics see every process's rewards and prompts.
+    def _advantages(self, sampled: list[Sampled]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(this process's rewards, every process's rewards, this process's advantages).
+
+        Per-prompt statistics see every process's rewards and prompts: ``gather`` concatenates them
+        in rank order (equal sizes per process), so this process's advantages are its rank's slice.
+        """
         from accelerate.utils import gather_object
 
+        rewards = torch.cat([s.scores for s in sampled])
+        prompts = [p for s in sampled for p in s.prompts]
         all_rewards = self.accelerator.gather(rewards.to(self.device)).cpu()
-        all_prompts = gather_object(prompts_all) if self.world > 1 else prompts_all
-        advantages_all = self.algorithm.advantages(all_rewards, all_prompts, self.tracker)
-        advantages = advantages_all.reshape(self.world, -1)[self.rank]
+        all_prompts = gather_object(prompts) if self.world > 1 else prompts
+        n = rewards.numel()
+        if all_rewards.numel() != n * self.world or len(all_prompts) != n * self.world:
+            raise RuntimeError(f"gathered {all_rewards.numel()} rewards from {self.world} processes of {n} each")
+        advantages = self.algorithm.advantages(all_rewards, all_prompts)[self.rank * n:(self.rank + 1) * n]
+        return rewards, all_rewards, advantages
 
-        from rlbench.algorithm import TrainBatch, UpdateContext
-
-        batch = TrainBatch(
+    def _train_batch(self, sampled: list[Sampled], rewards: torch.Tensor, advantages: torch.Tensor) -> TrainBatch:
+        rollouts = [s.rollout for s in sampled]
+        return TrainBatch(
             latents=torch.cat([r.latents for r in rollouts]),
             log_probs=torch.cat([r.log_probs for r in rollouts]),
             timesteps=rollouts[0].timesteps,
@@ -325,14 +381,18 @@ class Trainer:
             neg_embeds=self.neg_embeds,
             rewards=rewards.to(self.device),
             advantages=advantages.to(self.device),
-            prompts=prompts_all,
+            prompts=[p for s in sampled for p in s.prompts],
         )
-        policy.unet.train()
-        ctx = UpdateContext(cfg, self.optimizer, self.accelerator, self.train_gen, self.params, model=policy.model)
-        t_train = time.perf_counter()
-        metrics = self.algorithm.update(policy, batch, ctx)
-        t_end = time.perf_counter()
 
+    def _update(self, batch: TrainBatch) -> tuple[dict[str, Any], int]:
+        self.policy.unet.train()
+        ctx = UpdateContext(self.cfg, self.optimizer, self.accelerator, self.train_gen, self.params, self.policy)
+        metrics = self.algorithm.update(self.policy, batch, ctx)
+        return metrics, ctx.steps
+
+    def _record(self, epoch: int, sampled: list[Sampled], all_rewards: torch.Tensor, metrics: dict[str, Any],
+                steps: int, seconds: dict[str, float]) -> dict[str, Any]:
+        """The epoch's metrics.jsonl line (every process computes it; gathers are collective)."""
         n_epoch = all_rewards.numel()
         self.samples += n_epoch
         self.reward_queries += n_epoch
@@ -345,39 +405,36 @@ class Trainer:
             "loss": metrics.get("loss"),
             "approx_kl": metrics.get("approx_kl"),
             "clipfrac": metrics.get("clipfrac"),
-            "seconds": t_end - t_start,
-            "seconds_sampling": t_sampled - t_start,
-            "seconds_scoring": scoring_compute,
-            "seconds_scoring_wait": t_scored - t_sampled,
-            "seconds_training": t_end - t_train,
-            "optimizer_steps": ctx.steps,
+            **seconds,
+            "optimizer_steps": steps,
         }
-        for name in results[0][2]:  # a combined reward: each component's mean beside the total
-            part = self.accelerator.gather(torch.cat([r[2][name] for r in results]).to(self.device))
+        for name in sampled[0].components:  # a combined reward: each component's mean beside the total
+            part = self.accelerator.gather(torch.cat([s.components[name] for s in sampled]).to(self.device))
             record[f"reward_mean/{name}"] = float(part.float().mean())
         for name, watched in self.watch.items():  # scored, not trained on: e.g. the gold beside a proxy
-            part = torch.cat([watched(*batch).scores.detach().float() for batch in batches])
+            part = torch.cat([watched(s.rollout.images, s.prompts, s.metadata).scores.detach().float() for s in sampled])
             record[f"watch_mean/{name}"] = float(self.accelerator.gather(part.to(self.device)).mean())
         record.update({k: v for k, v in metrics.items() if k not in record})
-        if self.main:
-            run.append_metrics(record)
-            self._log_samples(run, epoch, rollouts, prompts_all, meta_all, rewards)
-            self._log_trackers(record, epoch)
-            kl = record["approx_kl"]
-            self.info(
-                f"epoch {epoch + 1}/{cfg.run.epochs}  reward {record['reward_mean']:.4g} ± {record['reward_std']:.3g}  "
-                f"loss {record['loss']:.4g}" + (f"  kl {kl:.3g}" if kl is not None else "")
-                + "".join(f"  {k.split('/', 1)[1]} {v:.4g}" for k, v in record.items() if k.startswith("watch_mean/"))
-                + f"  {record['seconds']:.1f}s"
-            )
         return record
 
+    def _log_line(self, record: dict[str, Any]) -> None:
+        kl = record["approx_kl"]
+        self.info(
+            f"epoch {record['epoch'] + 1}/{self.cfg.run.epochs}  reward {record['reward_mean']:.4g} ± "
+            f"{record['reward_std']:.3g}  loss {record['loss']:.4g}" + (f"  kl {kl:.3g}" if kl is not None else "")
+            + "".join(f"  {k.split('/', 1)[1]} {v:.4g}" for k, v in record.items() if k.startswith("watch_mean/"))
+            + f"  {record['seconds']:.1f}s"
+        )
+
     # -- logging --------------------------------------------------------------------------------------
-    def _log_samples(self, run, epoch, rollouts, prompts, metadata, rewards) -> None:
+    def _log_samples(self, run, epoch, sampled: list[Sampled]) -> None:
         every, n = self.cfg.logging.samples_every, self.cfg.logging.num_samples
         if not every or n == 0 or epoch % every:
             return
-        images = torch.cat([r.images for r in rollouts])[:n].cpu()
+        images = torch.cat([s.rollout.images for s in sampled])[:n].cpu()
+        prompts = [p for s in sampled for p in s.prompts]
+        metadata = [m for s in sampled for m in s.metadata]
+        rewards = torch.cat([s.scores for s in sampled])
         records = [
             {"prompt": p, "seed": self.cfg.run.seed, "index": i, "split": "train", "reward": self.cfg.reward.name,
              "score": float(s), "metadata": m}
@@ -434,7 +491,7 @@ class Trainer:
                           str(folder / "rng.safetensors"))
                 state = {
                     "epoch": done, "samples": self.samples, "reward_queries": self.reward_queries,
-                    "world_size": self.world, "tracker": self.tracker.state_dict(),
+                    "world_size": self.world, "algorithm": self.algorithm.state_dict(),
                     "prompt_rng": [s["prompt"] for s in states],
                     "train_mode": self.policy.train_mode, "lora": self.policy.lora_config,
                 }
@@ -446,22 +503,44 @@ class Trainer:
     def _load_checkpoint(self, run: RunDir, epoch: int) -> None:
         from safetensors.torch import load_file
 
+        from rlbench.train.rundir import checkpoint_read_error
+
         folder = run.checkpoint_dir(epoch)
-        missing = [f for f in CHECKPOINT_FILES if not (folder / f).is_file()]
-        if missing:
-            raise RunDirError(f"checkpoint {folder} is incomplete (missing {missing}); delete it to resume from an earlier one.")
-        state = json.loads((folder / "trainer_state.json").read_text())
-        if state["world_size"] != self.world:
+        check = run.verify_checkpoint(epoch, hashes=False)  # quick: sizes (the hashes were checked when it was chosen)
+        if not check.intact:
             raise RunDirError(
-                f"checkpoint {folder} was written by {state['world_size']} process(es); resume it with the same "
+                f"checkpoint {folder} is damaged ({'; '.join(check.problems)}); move it out of {folder.parent} "
+                "to resume from the checkpoint before it."
+            )
+        # Every file that does not decode is named in a RunDirError (no traceback from the CLI).
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+            world = state["world_size"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise checkpoint_read_error(folder, "trainer_state.json", exc) from exc
+        if world != self.world:
+            raise RunDirError(
+                f"checkpoint {folder} was written by {world} process(es); resume it with the same "
                 f"number (now {self.world}) so the run continues exactly."
             )
         self.policy.load_state(folder)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.device))
-        rng = load_file(str(folder / "rng.safetensors"))
-        self.sample_gen.set_state(rng[f"rank{self.rank}.sample"])
-        self.train_gen.set_state(rng[f"rank{self.rank}.train"])
-        torch.set_rng_state(rng[f"rank{self.rank}.torch"])
-        self.prompt_rng.bit_generator.state = state["prompt_rng"][self.rank]
-        self.tracker.load_state_dict(state["tracker"])
-        self.samples, self.reward_queries = state["samples"], state["reward_queries"]
+        try:
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True,
+                                                      map_location=self.device))
+        except Exception as exc:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... on a damaged file
+            raise checkpoint_read_error(folder, "optimizer.pt", exc) from exc
+        try:
+            rng = load_file(str(folder / "rng.safetensors"))
+            self.sample_gen.set_state(rng[f"rank{self.rank}.sample"])
+            self.train_gen.set_state(rng[f"rank{self.rank}.train"])
+            torch.set_rng_state(rng[f"rank{self.rank}.torch"])
+        except Exception as exc:  # SafetensorError on a damaged file; KeyError/RuntimeError on wrong content
+            raise checkpoint_read_error(folder, "rng.safetensors", exc) from exc
+        try:  # trainer_state.json's content: a key missing or of the wrong kind is a damaged file too
+            self.prompt_rng.bit_generator.state = state["prompt_rng"][self.rank]
+            # The algorithm's own state (DDPO's reward buffers); checkpoints before 0.2 stored the tracker alone.
+            self.algorithm.load_state_dict(state["algorithm"] if "algorithm" in state
+                                           else {"tracker": state["tracker"]})
+            self.samples, self.reward_queries = state["samples"], state["reward_queries"]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise checkpoint_read_error(folder, "trainer_state.json", exc) from exc

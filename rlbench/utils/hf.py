@@ -1,8 +1,23 @@
-"""Keep Hugging Face libraries' progress bars and chatter out of rlbench's own output."""
+"""Keep Hugging Face libraries' progress bars and chatter out of rlbench's own output.
+
+Two scopes, one place: :func:`quiet_hf` for a whole process (the CLI, the demo, training: rlbench
+reports progress itself), :func:`no_progress_bars` around one load inside library code (the reward
+nets), which leaves the caller's settings as it found them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+
+
+def quiet_hf() -> None:
+    """For the rest of the process: diffusers and transformers log errors only and show no progress bars."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -40,9 +40,44 @@ def load_images(paths: Sequence[str | Path]) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3,H,W) float in [0,1] -> (H,W,3) uint8, quantised as (x*255).round()."""
-    return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+LAYOUTS = ("hwc", "chw")
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """The uint8 levels of float images in [0, 1] as a float32 tensor on their device (detached):
+    ``(x * 255).round().clamp(0, 255)``, rounding half to even. What :func:`to_uint8` computes, for
+    pipelines that go on in float (HPSv2's ``ToTensor`` of a PIL image is ``quantize(x) / 255``)."""
+    return (images.detach().float() * 255).round_().clamp_(0, 255)
+
+
+def to_uint8(images: torch.Tensor | np.ndarray, layout: str = "hwc") -> np.ndarray:
+    """Float images in [0, 1] -> uint8 numpy, quantised as ``(x * 255).round().clamp(0, 255)`` in float32.
+
+    rlbench's one float -> uint8 conversion: ddpo-pytorch's (``rewards.py``), which is what the
+    official reward pipelines get from ``PIL.Image.fromarray``; rounding is half to even
+    (``torch.round`` / ``np.rint``), out-of-range values clamp to 0 and 255.
+
+    Args:
+        images: channel-first ``(3, H, W)`` or ``(B, 3, H, W)``; a torch tensor (any device or float
+            dtype, detached; quantised on its device, returned on the CPU) or a numpy float array
+            (quantised with numpy only, no torch op: safe in worker threads, see ``rewards/jpeg.py``).
+            Both give the same bytes.
+        layout: ``"hwc"``: channels last, ``(H, W, 3)`` / ``(B, H, W, 3)`` (what PIL and numpy image code
+            take); ``"chw"``: the input's channel-first order.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if isinstance(images, np.ndarray):
+        q = np.multiply(images, np.float32(255), dtype=np.float32)  # float32 as torch: same products
+        np.rint(q, out=q)
+        np.clip(q, 0, 255, out=q)
+        if layout == "hwc":
+            q = np.moveaxis(q, -3, -1)
+        return q.astype(np.uint8, order="C")
+    q = quantize(images).to(torch.uint8)
+    if layout == "hwc":
+        q = q.movedim(-3, -1)
+    return q.contiguous().cpu().numpy()
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:

@@ -1,0 +1,353 @@
+"""What an evaluation will do, resolved and checked before any model is loaded.
+
+:func:`make_plan` reads the runs (their ``config.toml``, checkpoints and metrics), chooses the
+checkpoints, the prompt sets and the rewards with their defaults, and fails on bad input with one
+error that names the problem and the fix: a directory that is not a run, a run without checkpoints,
+an unknown reward or prompt set, a checkpoint the run lacks.
+
+Defaults (each overridable): the runs' own sampler settings (steps, guidance, eta); prompt sets =
+each run's training set plus the held-out sets its model declares; rewards = each run's training
+reward (each component of a combination, and the combination), its ``logging.watch`` rewards and
+the rewards and gold rewards its model declares, plus any ``rewards`` given. What a model declares lives in an
+``eval_defaults`` dict on its registered factory (as ``train_defaults``) or under ``"eval_defaults"``
+in a model folder's ``rlbench.json``::
+
+    {"prompt_sets": [held-out sets], "rewards": [other rewards always scored], "gold_rewards": [...],
+     "gold_of": {gold: [its proxies]}, "features": "shapes-clip" | a Hugging Face CLIP id}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlbench.errors import ConfigError, InputError, RLBenchError, RunDirError
+from rlbench.train.rundir import RunDir
+
+AUTO_CHECKPOINTS = 4  # checkpoints (besides the base model) that "auto" picks, evenly spaced, last included
+
+
+def model_eval_defaults(model: str) -> dict[str, Any]:
+    """The evaluation defaults a model declares (``eval_defaults``); ``{}`` when it declares none."""
+    from rlbench.registry import MODELS
+
+    declared: Any = {}
+    if model in MODELS:
+        try:
+            declared = getattr(MODELS.load(model), "eval_defaults", None) or {}
+        except RLBenchError:
+            declared = {}
+    else:
+        meta = Path(model).expanduser() / "rlbench.json"
+        if meta.is_file():
+            try:
+                declared = (json.loads(meta.read_text(encoding="utf-8")) or {}).get("eval_defaults", {})
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ConfigError(f"{meta} is not valid JSON: {exc}") from exc
+    if not isinstance(declared, dict):
+        raise ConfigError(f"model '{model}' declares malformed eval_defaults {declared!r}; expected a dict.")
+    return dict(declared)
+
+
+def _config_value(cfg: dict[str, Any], section: str, key: str) -> Any:
+    """``cfg[section][key]``, else rlbench's default for it (a run may predate a key)."""
+    from rlbench.config import SECTIONS
+
+    sec = cfg.get(section) or {}
+    if key in sec:
+        return sec[key]
+    for f in dataclasses.fields(SECTIONS[section]):
+        if f.name == key:
+            return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    raise KeyError(f"{section}.{key}")
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward column of the results. ``components``: for a weighted sum, ``(label, weight)`` pairs
+    whose scores it is computed from (exactly ``sum w_i s_i``, as :mod:`rlbench.combine` does)."""
+
+    label: str
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+    components: tuple[tuple[str, float], ...] = ()
+    role: str = "extra"  # trained | component | watch | model | gold | extra
+
+    @property
+    def option_dict(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+def reward_label(name: str, options: dict[str, Any] | None = None) -> str:
+    if not options:
+        return name
+    return f"{name}[{','.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
+
+
+def reward_specs(name: str, options: dict[str, Any], role: str) -> list[RewardSpec]:
+    """The specs a reward name expands to: itself, or a combination's components then the combination."""
+    from rlbench.combine import is_combination, parse_spec, split_options
+
+    if not is_combination(name):
+        return [RewardSpec(reward_label(name, options), name, tuple(sorted(options.items())), role=role)]
+    pairs = parse_spec(name)
+    routed = split_options([n for n, _ in pairs], options)
+    comps = [RewardSpec(reward_label(n, routed[n]), n, tuple(sorted(routed[n].items())), role="component")
+             for n, _ in pairs]
+    label = "+".join(f"{n}:{w:g}" for n, w in pairs)
+    total = RewardSpec(label, label, (), tuple((c.label, w) for c, (_, w) in zip(comps, pairs)), role=role)
+    return comps + [total]
+
+
+@dataclass
+class RunPlan:
+    """One run as the evaluation sees it."""
+
+    run: RunDir
+    name: str
+    algorithm: str
+    trained_reward: str  # the label of the trained reward
+    seed: int
+    model: str
+    revision: str
+    train_mode: str
+    lora: tuple[int, float, tuple[str, ...]]
+    train_prompts: str
+    steps: int
+    eta: float
+    guidance: float
+    negative_prompt: str
+    train_eta: float
+    checkpoints: list[int]
+    available: list[int]
+    reward_queries: dict[int, int]
+    watch: list[str]
+    config: str  # what identifies the configuration apart from the seed (groups seeds)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "run"}
+        d["path"] = str(self.run.path.resolve())
+        d["lora"] = list(self.lora[:2]) + [list(self.lora[2])]
+        d["reward_queries"] = {str(k): v for k, v in self.reward_queries.items()}
+        return d
+
+
+@dataclass
+class PromptSetPlan:
+    name: str
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+    total: int  # prompts in the whole set
+
+
+@dataclass
+class EvalPlan:
+    runs: list[RunPlan]
+    prompt_sets: list[PromptSetPlan]
+    rewards: list[RewardSpec]
+    gold: dict[str, list[str]]  # gold reward label -> the proxies it is the truth of ([] = of any reward)
+    features: str | None
+    images_per_prompt: int
+    seed: int
+    notices: list[str] = field(default_factory=list)
+
+    def settings(self) -> dict[str, Any]:
+        return {"images_per_prompt": self.images_per_prompt, "seed": self.seed, "features": self.features,
+                "prompt_sets": [p.name for p in self.prompt_sets], "rewards": [r.label for r in self.rewards]}
+
+
+def select_checkpoints(available: list[int], spec: str | Sequence[int] | None, run: str) -> list[int]:
+    """``auto`` | ``all`` | ``last`` | ``"N,M,..."`` | a list of ints -> sorted epochs, the base (0) first."""
+    spec = "auto" if spec is None else spec
+    if isinstance(spec, str) and spec.strip().lower() in ("auto", "all", "last"):
+        mode = spec.strip().lower()
+        if mode == "all":
+            chosen = list(available)
+        elif mode == "last":
+            chosen = available[-1:]
+        else:
+            n = len(available)
+            chosen = list(available) if n <= AUTO_CHECKPOINTS else sorted(
+                {available[round((i + 1) * n / AUTO_CHECKPOINTS) - 1] for i in range(AUTO_CHECKPOINTS)})
+        return [0] + chosen
+    if isinstance(spec, str):
+        try:
+            wanted = [int(x) for x in spec.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise InputError(f"--checkpoints must be all, last, auto or epoch numbers like 5,10; got {spec!r}.") from None
+    else:
+        wanted = [int(x) for x in spec]
+    missing = [c for c in wanted if c != 0 and c not in available]
+    if missing:
+        raise InputError(f"run {run} has no checkpoint {', '.join(map(str, missing))}; it has "
+                         f"{', '.join(map(str, available))} (and 0, the base model). Choose from those.")
+    return sorted({0, *wanted})
+
+
+def _reward_queries(run: RunDir, epochs: list[int]) -> dict[int, int]:
+    """Cumulative reward queries at each checkpoint: its trainer_state.json, else metrics.jsonl."""
+    out = {0: 0}
+    by_epoch: dict[int, int] = {}
+    try:
+        for rec in run.read_metrics():
+            if isinstance(rec.get("reward_queries"), int):
+                by_epoch[int(rec["epoch"]) + 1] = int(rec["reward_queries"])
+    except RLBenchError:
+        pass
+    for e in epochs:
+        state = run.checkpoint_dir(e) / "trainer_state.json"
+        value = None
+        try:
+            value = json.loads(state.read_text()).get("reward_queries")
+        except (OSError, ValueError, AttributeError):
+            pass
+        out[e] = int(value) if isinstance(value, int) else by_epoch.get(e, -1)
+    return out
+
+
+def plan_run(path: str | Path, checkpoints: Any, steps: int | None, eta: float | None,
+             guidance: float | None) -> tuple[RunPlan, str, dict[str, Any]]:
+    """The run's plan, its trained reward's name and options."""
+    run = RunDir.open(path)
+    cfg = run.read_config()
+    available = run.checkpoint_epochs()
+    if not available:
+        raise RunDirError(
+            f"run {run.path} has no checkpoints (checkpoints/<epoch>/), so there is nothing to compare with the "
+            f"base model; train it (`rlbench train --resume {run.path} --epochs N`) with checkpoint.every > 0."
+        )
+
+    def v(section: str, key: str) -> Any:
+        return _config_value(cfg, section, key)
+
+    reward = cfg.get("reward") or {}
+    reward_name = reward.get("name") or v("reward", "name")
+    reward_options = {k: x for k, x in reward.items() if k not in ("name", "options")}
+    reward_options.update(reward.get("options") or {})
+    trained = reward_specs(reward_name, reward_options, "trained")[-1].label
+    model = v("model", "name")
+    prompts = v("prompts", "name")
+    if not prompts:
+        from rlbench.config import model_presets
+
+        prompts = model_presets(model).get("prompts.name") or "simple-animals"
+    train_eta = float(v("sample", "eta"))
+    e = float(eta) if eta is not None else train_eta
+    if not 0.0 <= e <= 1.0:
+        raise InputError(f"--eta must be in [0, 1] (0: the deterministic DDIM sampler), got {e}.")
+    s = int(steps) if steps is not None else int(v("sample", "num_steps"))
+    if s < 1:
+        raise InputError(f"--steps must be >= 1, got {s}.")
+    g = float(guidance) if guidance is not None else float(v("sample", "guidance_scale"))
+    algorithm = v("algorithm", "name")
+    chosen = select_checkpoints(available, checkpoints, str(run.path))
+    lora = (int(v("model", "lora_rank")), float(v("model", "lora_alpha")), tuple(v("model", "lora_targets")))
+    train_mode = v("model", "train_mode")
+    config = f"{algorithm} · {trained} · {model} · {prompts}"
+    return RunPlan(
+        run=run, name=run.name, algorithm=algorithm, trained_reward=trained, seed=int(v("run", "seed")),
+        model=model, revision=v("model", "revision") or "", train_mode=train_mode, lora=lora,
+        train_prompts=prompts, steps=s, eta=e, guidance=g, negative_prompt=v("sample", "negative_prompt"),
+        train_eta=train_eta, checkpoints=chosen, available=available, reward_queries=_reward_queries(run, chosen[1:]),
+        watch=list(v("logging", "watch") or []), config=config,
+    ), reward_name, reward_options
+
+
+def subset(n_total: int, n: int | None, seed: int, name: str) -> list[int]:
+    """A fixed, seeded subset of ``n`` indices of a set (sorted); all when ``n`` is None/0 or >= the set."""
+    if not n or n >= n_total:
+        return list(range(n_total))
+    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+    return sorted(int(i) for i in rng.choice(n_total, size=n, replace=False))
+
+
+def make_plan(
+    run_dirs: Sequence[str | Path],
+    rewards: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None,
+    checkpoints: Any = None,
+    images_per_prompt: int = 4,
+    prompts_per_set: int | None = 16,
+    seed: int = 0,
+    eta: float | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    features: str | None = None,
+) -> EvalPlan:
+    """Resolve and check everything an evaluation needs; raises one :class:`RLBenchError` on bad input."""
+    from rlbench.prompts import load_prompts
+    from rlbench.registry import make_reward
+
+    if not run_dirs:
+        raise InputError("give at least one run directory.")
+    if images_per_prompt < 1:
+        raise InputError(f"--images-per-prompt must be >= 1, got {images_per_prompt}.")
+    if prompts_per_set is not None and prompts_per_set < 0:
+        raise InputError(f"--prompts-per-set must be >= 0 (0: every prompt), got {prompts_per_set}.")
+    plans, trained_specs = [], []
+    for path in run_dirs:
+        plan, reward_name, reward_options = plan_run(path, checkpoints, steps, eta, guidance)
+        plans.append(plan)
+        trained_specs.append(reward_specs(reward_name, reward_options, "trained"))
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise InputError(f"run directories share a folder name ({', '.join(names)}); runs are identified by "
+                         "their folder names: rename one.")
+    notices: list[str] = []
+    declared = {p.model: model_eval_defaults(p.model) for p in plans}
+
+    # prompt sets: given, else each run's training set + the held-out sets its model declares
+    if prompts:
+        set_names = list(dict.fromkeys(prompts))
+    else:
+        set_names = []
+        for p in plans:
+            set_names += [p.train_prompts, *declared[p.model].get("prompt_sets", [])]
+        set_names = list(dict.fromkeys(set_names))
+    sets = []
+    for name in set_names:
+        ps = load_prompts(name)
+        idx = subset(len(ps.prompts), prompts_per_set, seed, ps.name)
+        sets.append(PromptSetPlan(name, [ps.prompts[i] for i in idx], [dict(ps.metadata[i]) for i in idx],
+                                  len(ps.prompts)))
+
+    # rewards: trained (+ components), watch, declared gold, then the extra ones given
+    specs: list[RewardSpec] = []
+    gold: dict[str, list[str]] = {}
+    for p, trained in zip(plans, trained_specs):
+        specs += trained
+        for w in p.watch:
+            specs += reward_specs(w, {}, "watch")
+        d = declared[p.model]
+        for r in d.get("rewards", []):
+            specs += reward_specs(r, {}, "model")
+        for g in d.get("gold_rewards", []):
+            specs.append(RewardSpec(g, g, role="gold"))
+            gold.setdefault(g, list((d.get("gold_of") or {}).get(g, [])))
+    for r in rewards or []:
+        specs += reward_specs(r, {}, "extra")
+    unique: dict[str, RewardSpec] = {}
+    for s in specs:  # the first role wins (trained before watch before gold before extra)
+        unique.setdefault(s.label, s)
+    for s in unique.values():  # every name must resolve before anything is computed
+        if not s.components:
+            make_reward(s.name, **s.option_dict)
+
+    feats = features
+    if feats is None:
+        declared_feats = [d.get("features") for d in declared.values() if d.get("features")]
+        feats = declared_feats[0] if declared_feats else None
+        if feats is None:
+            from rlbench.eval.diversity import DEFAULT_FEATURES
+
+            feats = DEFAULT_FEATURES
+    if feats in ("none", ""):
+        feats = None
+    return EvalPlan(plans, sets, list(unique.values()), gold, feats, images_per_prompt, seed, notices)

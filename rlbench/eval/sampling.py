@@ -1,0 +1,148 @@
+"""Deterministic, paired sampling for evaluation, with the exact KL from the base model on the way.
+
+Every image's noise — the initial latent and the noise of every DDIM step — comes from its own
+generator seeded by :func:`sample_seed` ``(eval seed, prompt, image index)``. The same image of the
+same prompt therefore gets the same noise at every checkpoint of every run and in any batch, so a
+difference between two checkpoints is the weights', not luck, and statistics can be paired.
+
+While a fine-tuned policy samples, the base model's guided epsilon is evaluated on the same states
+``x_t`` (the trainable weights are swapped for the base ones, :class:`BaseWeights`) and the exact KL
+between the two Gaussian DDIM transitions is summed over steps (:mod:`rlbench.eval.kl`).
+
+Everything here runs on the calling thread (torch is never used from worker threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlbench.diffusion.ddim import ddim_step_with_logprob, ddim_transition
+from rlbench.eval.kl import transition_kl
+
+
+def sample_seed(eval_seed: int, prompt: str, index: int) -> int:
+    """The seed of image ``index`` of ``prompt``: a hash of (eval seed, prompt, index), 63 bits.
+
+    Independent of the checkpoint, the run, the prompt set and the batch the image is sampled in.
+    """
+    digest = hashlib.sha256(f"rlbench-eval\x00{int(eval_seed)}\x00{prompt}\x00{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class BaseWeights:
+    """The base model's values of a policy's trainable tensors, swapped in and out without copies.
+
+    Made right after ``setup_training`` (before any checkpoint is loaded): for full fine-tuning these
+    are the pretrained UNet weights; for LoRA the fresh adapters, whose B matrices are zero, so the
+    adapted UNet computes exactly the base model. :meth:`active` swaps the tensors' storage
+    (``param.data``) in O(1) per tensor, so evaluating the base model at every step costs only its
+    forward pass.
+    """
+
+    def __init__(self, policy: Any, state: dict[str, torch.Tensor] | None = None) -> None:
+        params = dict(policy.unet.named_parameters())
+        names = [n for n, p in params.items() if p.requires_grad] if state is None else list(state)
+        if state is None:
+            state = {n: params[n].detach().clone() for n in names}
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"base state names parameters the policy lacks: {missing[:3]}")
+        self.policy = policy
+        self.params = [params[n] for n in names]
+        self.tensors = [state[n].to(device=params[n].device, dtype=params[n].dtype) for n in names]
+
+    def restore(self) -> None:
+        """Copy the base values into the policy (make the policy the base model)."""
+        with torch.no_grad():
+            for p, t in zip(self.params, self.tensors):
+                p.copy_(t)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block the policy computes the base model (its own tensors are put back after)."""
+        for p, t in zip(self.params, self.tensors):
+            p.data, t.data = t.data, p.data
+        try:
+            yield
+        finally:
+            for p, t in zip(self.params, self.tensors):
+                p.data, t.data = t.data, p.data
+
+
+@dataclass
+class SampledBatch:
+    """Images (uint8, (B, H, W, 3)) and, when a base model was given, the KL of each trajectory.
+
+    ``kl``: (B,) float64, sum over steps of the exact per-step Gaussian KL at ``kl_eta``;
+    ``kl_steps``: how many steps entered the sum (steps whose sigma is 0 have no density and are left out).
+    """
+
+    images: np.ndarray
+    kl: np.ndarray | None = None
+    kl_steps: int = 0
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, ``(x * 255).round().clamp(0, 255)``."""
+    q = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+@torch.no_grad()
+def sample_paired(
+    policy: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_steps: int,
+    eta: float,
+    guidance_scale: float,
+    neg_embeds: torch.Tensor,
+    base: BaseWeights | None = None,
+    kl_eta: float | None = None,
+) -> SampledBatch:
+    """Sample one image per (prompt, seed) with per-image generators; optionally the KL from ``base``.
+
+    ``eta > 0``: the stochastic DDIM policy (:func:`~rlbench.diffusion.ddim.ddim_step_with_logprob`,
+    per-step noise from each image's generator); ``eta = 0``: the deterministic DDIM (ODE) sampler.
+    With ``base`` and ``kl_eta > 0``, at every step the KL between ``N(mu_policy, s^2 I)`` and
+    ``N(mu_base, s^2 I)`` with ``s = sigma_t(kl_eta)`` is added, both means taken at the current state.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    device = policy.device
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    embeds = policy.encode_prompts(list(prompts))
+    scheduler = policy.scheduler
+    scheduler.set_timesteps(num_steps, device=device)
+    latents = randn_tensor((len(prompts), *policy.latent_shape), generator=generators, device=device,
+                           dtype=torch.float32) * scheduler.init_noise_sigma
+    with_kl = base is not None and kl_eta is not None and kl_eta > 0
+    kl = torch.zeros(len(prompts), dtype=torch.float64, device=device) if with_kl else None
+    kl_steps = 0
+    for t in scheduler.timesteps:
+        eps = policy.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
+        if with_kl:
+            with base.active():
+                eps_base = policy.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
+            mean, std = ddim_transition(scheduler, eps, t, latents, kl_eta)
+            mean_base, _ = ddim_transition(scheduler, eps_base, t, latents, kl_eta)
+            step = transition_kl(mean, mean_base, std)
+            if step is not None:
+                kl += step
+                kl_steps += 1
+        if eta > 0:
+            latents, _ = ddim_step_with_logprob(scheduler, eps, t, latents, eta=eta, generator=generators)
+        else:
+            latents, _ = ddim_transition(scheduler, eps, t, latents, 0.0)
+    images = to_uint8_hwc(policy.decode(latents))
+    return SampledBatch(images, kl.cpu().numpy() if kl is not None else None, kl_steps)
