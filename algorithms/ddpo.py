@@ -121,7 +121,7 @@ class _DDPO(Algorithm):
         window = max(1, int(steps * cfg.train.timestep_window))  # the first (noisiest) steps; all by default
         n_train = max(1, int(window * cfg.train.timestep_fraction))
         mb, acc = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
-        chunks = step_chunks(n_train, mb, forward_batch_limit(cfg, policy.device))
+        chunks = step_chunks(n_train, steps_per_forward(cfg, policy.device))
         guidance = cfg.sample.guidance_scale if cfg.train.cfg else 1.0
         sums = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         count = 0
@@ -161,19 +161,24 @@ class _DDPO(Algorithm):
         return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def forward_batch_limit(cfg, device) -> int:
-    """(sample, step) pairs per UNet call in an update: ``train.max_forward_batch``, or when 0 (auto)
-    every trained step of a micro-batch on a CPU and one step per call on an accelerator (memory)."""
-    limit = cfg.train.max_forward_batch
-    if limit > 0:
-        return limit
-    return 1 << 30 if torch.device(device).type == "cpu" else cfg.train.batch_size
+# Auto steps per UNet call on a CPU. Issue 12's settings (micro-batch 2, 20 trained steps, 2 cores): one
+# step per call 9.1 s of training per epoch, 4 steps 7.6 s, 10 steps 7.6 s at 1.7x the activation
+# memory, 20 steps 8.5 s (benchmarks/speed.py --steps-per-forward N).
+CPU_STEPS_PER_FORWARD = 4
 
 
-def step_chunks(n_train: int, micro_batch: int, limit: int) -> list[tuple[int, int]]:
-    """Split ``n_train`` trained steps into (first step, steps) chunks of at most ``limit // micro_batch``
-    steps (at least one), as even as possible."""
-    per_call = max(1, min(n_train, limit // micro_batch))
+def steps_per_forward(cfg, device) -> int:
+    """``train.steps_per_forward``, or when 0 (auto) 4 on a CPU and 1 on an accelerator (memory)."""
+    k = cfg.train.steps_per_forward
+    if k > 0:
+        return k
+    return CPU_STEPS_PER_FORWARD if torch.device(device).type == "cpu" else 1
+
+
+def step_chunks(n_train: int, per_call: int) -> list[tuple[int, int]]:
+    """Split ``n_train`` trained steps into (first step, steps) chunks of at most ``per_call`` steps, as even
+    as possible."""
+    per_call = max(1, min(n_train, per_call))
     n_chunks = -(-n_train // per_call)
     base, extra = divmod(n_train, n_chunks)
     out, j0 = [], 0

@@ -1,7 +1,15 @@
-"""Training speed: images/s sampled, samples/s trained, peak memory and the overhead ratio.
+"""Training speed: images/s sampled, samples/s trained, peak memory, the overhead ratio, and the ratio to trl.
 
+    python benchmarks/speed.py --compare-trl         # rlbench vs trl 0.23.1's DDPOTrainer, issue 12's settings
     python benchmarks/speed.py                       # tiny random pipeline, CPU
     python benchmarks/speed.py --model sd15-random --device cuda --steps 50   # SD-1.5 shapes, 512 px
+
+--compare-trl runs the reference implementation (benchmarks/peer/: trl 0.23.1 in its own pinned venv,
+set up by benchmarks/peer/setup_peer_env.sh) and rlbench one after the other, each in a fresh process,
+on the same pipeline folder (diffusers' test-size SD: UNet (32, 64), latents 4x32x32, 64 px) and the
+same 8 prompts: DDPO-IS, LoRA rank 4, 2 x 4 samples x 20 steps, eta 1, guidance 5 trained, train batch
+2 x accumulation 2 over every step, lr 3e-4, batch-normalised advantages, JPEG incompressibility, fp32;
+median of epochs 2-4. It prints both epoch times, their ratio and both peak RSS.
 
 overhead ratio = epoch wall time / time of the UNet forward (+backward) calls alone at the same
 shapes (sampling: steps x batches forwards at 2x the batch for guidance; training: micro-batches x
@@ -73,11 +81,11 @@ def unet_only_seconds(trainer) -> tuple[float, float]:
         t = torch.full((k * b,), 500, device=device)
         e = emb.expand(k * b, -1, -1)
         if grad:
-            out = policy.model(x, t, encoder_hidden_states=e).sample
+            out = policy.forward_module(x, t, encoder_hidden_states=e).sample
             out.float().square().mean().backward()
         else:
             with torch.no_grad():
-                policy.model(x, t, encoder_hidden_states=e)
+                policy.forward_module(x, t, encoder_hidden_states=e)
 
     call(bs, False), call(mb, True)  # warm-up
     sync(device)
@@ -94,8 +102,55 @@ def unet_only_seconds(trainer) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
+# issue 12's comparison settings (trl's DDPOConfig fields in benchmarks/peer/trl_ddpo.py SETTINGS)
+COMPARE = ["--model", "diffusers-test", "--steps", "20", "--sample-batch", "4", "--batches", "2",
+           "--train-batch", "2", "--grad-acc", "2", "--lr", "3e-4", "--batch-advantages", "--epochs", "3"]
+
+
+def compare_trl(peer_python: str, keep: Path | None) -> dict:
+    """Run trl's DDPOTrainer, then rlbench, each in its own process, at identical settings; one JSON each."""
+    import subprocess
+
+    from rlbench.testing import save_tiny_sd_pipeline
+
+    root = Path(__file__).resolve().parent
+    if not Path(peer_python).exists():
+        raise SystemExit(f"error: {peer_python} not found; build the peer env with benchmarks/peer/setup_peer_env.sh")
+    tmp = keep or Path(tempfile.mkdtemp(prefix="rlbench-compare-"))
+    pipe = save_tiny_sd_pipeline(tmp / "sd", size="diffusers-test")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("\n".join((root / "prompts" / "simple-animals.txt").read_text().split()[:8]) + "\n")
+
+    def run(cmd: list[str]) -> dict:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"error: {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    trl = run([peer_python, str(root / "peer" / "trl_ddpo.py"), "--pipeline", str(pipe), "--prompts", str(prompts),
+               "--epochs", "4"])
+    ours = run([sys.executable, str(Path(__file__).resolve()), *COMPARE, "--model", str(pipe),
+                "--prompts", str(prompts), "--json-stdout"])
+    return {
+        "trl_epoch_s": trl["epoch_s"], "rlbench_epoch_s": ours["epoch_s"],
+        "epoch_ratio_rlbench_over_trl": ours["epoch_s"] / trl["epoch_s"],
+        "trl_sampling_s": trl["sampling_s"], "rlbench_sampling_s": ours["sampling_s"],
+        "trl_training_s": trl["training_s"], "rlbench_training_s": ours["training_s"],
+        "trl_peak_rss_mb": trl["peak_rss_bytes"] / 1e6, "rlbench_peak_rss_mb": ours["peak_rss_bytes"] / 1e6,
+        "rlbench_overhead_ratio": ours["overhead_ratio"], "trl_versions": trl.get("versions"),
+        "torch_threads": ours["torch_threads"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare-trl", action="store_true", help="rlbench vs trl 0.23.1 at issue 12's settings")
+    ap.add_argument("--peer-python", default=".venv-peer/bin/python", help="python of the trl peer env")
+    ap.add_argument("--prompts", default="simple-animals", help="prompt set or file")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the config's)")
+    ap.add_argument("--batch-advantages", action="store_true", help="batch-normalised advantages (no per-prompt)")
+    ap.add_argument("--json-stdout", action="store_true", help="print only one JSON line (for --compare-trl)")
+    ap.add_argument("--steps-per-forward", type=int, default=None, help="train.steps_per_forward (default: auto)")
     ap.add_argument("--model", default="tiny", help="tiny | sd15-random | a diffusers folder")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--algo", default="ddpo-is")
@@ -109,8 +164,16 @@ def main() -> None:
     ap.add_argument("--mixed-precision", default="auto")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args()
+    if args.compare_trl:
+        out = compare_trl(args.peer_python, None)
+        width = max(map(len, out))
+        for k, v in out.items():
+            print(f"{k:{width}s}  {v:.4g}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return
 
-    from rlbench.diffusion.policy import quiet_hf
+    from rlbench.utils.hf import quiet_hf
     from rlbench.registry import MODELS
     from rlbench.train.rundir import RunDir
     from rlbench.testing import save_tiny_sd_pipeline
@@ -119,8 +182,8 @@ def main() -> None:
     quiet_hf()
     tmp = Path(tempfile.mkdtemp(prefix="rlbench-speed-"))
     model = args.model
-    if model == "tiny":
-        model = str(save_tiny_sd_pipeline(tmp / "tiny-sd"))
+    if model in ("tiny", "diffusers-test"):
+        model = str(save_tiny_sd_pipeline(tmp / "sd", size=model))
     elif model == "sd15-random":
         MODELS.register("sd15-random", lambda: sd15_random_policy())
     device = torch.device(args.device)
@@ -131,9 +194,12 @@ def main() -> None:
             f"train.gradient_accumulation_steps={args.grad_acc}", f"train.timestep_fraction={args.timestep_fraction}",
             "logging.samples_every=0", "logging.tensorboard=false", f"model.device={args.device}",
             f"model.mixed_precision={args.mixed_precision}",
+            *([f"train.learning_rate={args.lr}"] if args.lr else []),
+            *(["advantage.per_prompt=false"] if args.batch_advantages else []),
+            *([f"train.steps_per_forward={args.steps_per_forward}"] if args.steps_per_forward is not None else []),
         ],
         values={"algorithm": {"name": args.algo}, "reward": {"name": "incompressibility"},
-                "model": {"name": model}, "prompts": {"name": "simple-animals"},
+                "model": {"name": model}, "prompts": {"name": args.prompts},
                 "run": {"epochs": args.epochs + 1, "out": str(tmp / "run")}},
         log=None,
     )
@@ -141,6 +207,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     records = [trainer.epoch(run, e) for e in range(args.epochs + 1)][1:]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the bare-UNet timing
     sample_unet, train_unet = unet_only_seconds(trainer)
     cfg = trainer.cfg
     n = cfg.samples_per_epoch
@@ -161,8 +228,11 @@ def main() -> None:
     out["overhead_ratio"] = epoch_s / (sample_unet + train_unet)
     out["sampling_overhead_ratio"] = out["sampling_s"] / sample_unet
     out["training_overhead_ratio"] = out["training_s"] / train_unet
-    out["peak_memory_gb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    out["peak_rss_bytes"] = peak_rss
+    out["peak_memory_gb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss) / 2**30
+    if args.json_stdout:
+        print(json.dumps(out))
+        return
     width = max(map(len, out))
     for k, v in out.items():
         print(f"{k:{width}s}  {v:.4g}" if isinstance(v, float) else f"{k:{width}s}  {v}")

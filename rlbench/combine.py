@@ -77,7 +77,6 @@ class WeightedSum(Reward):
         self.deterministic = all(c.deterministic for c in cards)
         self.differentiable = all(c.differentiable for c in cards)
         self.summary = "Weighted sum: " + ", ".join(f"{w:g} x {n}" for n, w, _ in self.components)
-        self.weights = None
 
     def example_inputs(self, batch_size: int = 3, image_size: int = 64, seed: int = 0):
         """The first component's own example inputs (a shapes reward needs shapes captions), else generic ones."""

@@ -107,46 +107,61 @@ def tiny_ddim_scheduler(**overrides: Any) -> DDIMScheduler:
     return DDIMScheduler(**{**_SD1_DDIM_CONFIG, **overrides})
 
 
-def _tiny_unet(sample_size: int, channels: int) -> UNet2DConditionModel:
+# Component sizes. "tiny": the smallest that exercises every code path (the test suite's default).
+# "diffusers-test": the sizes of diffusers' own StableDiffusionPipelineFastTests.get_dummy_components
+# (UNet (32, 64) with 2 layers per block, VAE (32, 64), a 5-layer 32-wide text encoder), the pipeline
+# the speed comparison with trl's DDPOTrainer runs on (benchmarks/speed.py).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"widths": (8, 16), "layers": 1, "groups": 4, "heads": 2, "text_hidden": TINY_TEXT_HIDDEN_SIZE,
+             "text_layers": 2, "text_heads": 2, "text_intermediate": 2 * TINY_TEXT_HIDDEN_SIZE},
+    "diffusers-test": {"widths": (32, 64), "layers": 2, "groups": 32, "heads": 8, "text_hidden": 32,
+                       "text_layers": 5, "text_heads": 4, "text_intermediate": 37},
+}
+
+
+def _tiny_unet(sample_size: int, channels: int, size: str = "tiny") -> UNet2DConditionModel:
+    z = SIZES[size]
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,  # must divide every block width
+        block_out_channels=z["widths"],
+        layers_per_block=z["layers"],
+        norm_num_groups=z["groups"],  # must divide every block width
         # Attention in the low-res block only (as diffusers' own SD tests): cheap, yet it has
         # the to_q/to_k/to_v/to_out.0 projections LoRA targets, and the mid block attends too.
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TINY_TEXT_HIDDEN_SIZE,
-        attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
+        cross_attention_dim=z["text_hidden"],
+        attention_head_dim=z["heads"],  # diffusers' legacy name: this is the number of heads
     )
 
 
-def _tiny_vae(image_size: int) -> AutoencoderKL:
+def _tiny_vae(image_size: int, size: str = "tiny") -> AutoencoderKL:
+    z = SIZES[size]
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),  # two levels -> vae_scale_factor 2
+        block_out_channels=z["widths"],  # two levels -> vae_scale_factor 2
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=4,
+        norm_num_groups=z["groups"],
         sample_size=image_size,
         scaling_factor=0.18215,  # SD-1.x value
     )
 
 
-def _tiny_text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextModel:
+def _tiny_text_encoder(vocab_size: int, bos_id: int, eos_id: int, size: str = "tiny") -> CLIPTextModel:
+    z = SIZES[size]
     config = CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=TINY_TEXT_HIDDEN_SIZE,
-        intermediate_size=2 * TINY_TEXT_HIDDEN_SIZE,
-        projection_dim=TINY_TEXT_HIDDEN_SIZE,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=z["text_hidden"],
+        intermediate_size=z["text_intermediate"],
+        projection_dim=z["text_hidden"],
+        num_hidden_layers=z["text_layers"],
+        num_attention_heads=z["text_heads"],
         max_position_embeddings=TINY_MAX_TOKEN_LENGTH,
         bos_token_id=bos_id,
         eos_token_id=eos_id,  # pooled output is taken at the first EOS
@@ -156,7 +171,7 @@ def _tiny_text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextMod
 
 
 def tiny_sd_components(
-    seed: int = 0, sample_size: int = 32, latent: bool = True
+    seed: int = 0, sample_size: int = 32, latent: bool = True, size: str = "tiny"
 ) -> dict[str, Any]:
     """In-memory tiny SD components, like diffusers tests' ``get_dummy_components``.
 
@@ -167,6 +182,7 @@ def tiny_sd_components(
             ``vae_scale_factor == 2``); with ``latent=False`` they are ``sample_size`` pixels.
         latent: ``True`` for latent diffusion (4-channel UNet + ``AutoencoderKL``);
             ``False`` for a pixel-space 3-channel UNet and ``vae=None``.
+        size: a key of :data:`SIZES` (``"tiny"``, or ``"diffusers-test"`` for diffusers' test sizes).
 
     Returns:
         ``{"unet", "scheduler", "vae", "text_encoder", "tokenizer", "safety_checker",
@@ -177,14 +193,14 @@ def tiny_sd_components(
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + _SEED_OFFSETS["unet"])
-        unet = _tiny_unet(sample_size, 4 if latent else 3)
+        unet = _tiny_unet(sample_size, 4 if latent else 3, size)
         vae: AutoencoderKL | None = None
         if latent:
             torch.manual_seed(seed + _SEED_OFFSETS["vae"])
-            vae = _tiny_vae(2 * sample_size).eval()
+            vae = _tiny_vae(2 * sample_size, size).eval()
         torch.manual_seed(seed + _SEED_OFFSETS["text_encoder"])
         text_encoder = _tiny_text_encoder(
-            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, size
         )
     return {
         "unet": unet.eval(),
@@ -198,7 +214,7 @@ def tiny_sd_components(
 
 
 def save_tiny_sd_pipeline(
-    path: str | Path, *, seed: int = 0, sample_size: int = 32, latent: bool = True
+    path: str | Path, *, seed: int = 0, sample_size: int = 32, latent: bool = True, size: str = "tiny"
 ) -> Path:
     """Write tiny random SD components to ``path`` in the diffusers folder layout.
 
@@ -213,11 +229,11 @@ def save_tiny_sd_pipeline(
     pipeline class for a text-conditioned pixel-space UNet with this layout): load each part
     with ``<Class>.from_pretrained(path, subfolder=...)``; the UNet has 3 in/out channels.
 
-    See :func:`tiny_sd_components` for ``seed`` and ``sample_size``. Returns ``Path(path)``.
+    See :func:`tiny_sd_components` for ``seed``, ``sample_size`` and ``size``. Returns ``Path(path)``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    comps = tiny_sd_components(seed=seed, sample_size=sample_size, latent=latent)
+    comps = tiny_sd_components(seed=seed, sample_size=sample_size, latent=latent, size=size)
     if latent:
         pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
         pipe.save_pretrained(path, safe_serialization=True)

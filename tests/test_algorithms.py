@@ -295,11 +295,11 @@ def _assert_grads_match(policy: DiffusionPolicy, my_loss: torch.Tensor, grads: d
 
 
 @pytest.mark.parametrize("algo,perturb", [("ddpo-is", False), ("ddpo-is", True), ("ddpo-sf", False)])
-@pytest.mark.parametrize("forward_batch", [0, 2], ids=["steps-batched", "one-step-per-call"])
-def test_ddpo_gradient_equals_hand_written_formula(tiny, algo, perturb, forward_batch):
+@pytest.mark.parametrize("per_call", [3, 1], ids=["steps-batched", "one-step-per-call"])
+def test_ddpo_gradient_equals_hand_written_formula(tiny, algo, perturb, per_call):
     clip = 0.02
     options = {"clip_range": clip} if algo == "ddpo-is" else {}
-    cfg = _config(tiny, algo, acc=2, **options).with_changes({"train.max_forward_batch": forward_batch})
+    cfg = _config(tiny, algo, acc=2, **options).with_changes({"train.steps_per_forward": per_call})
     s = Setup(tiny, cfg, advantages=torch.tensor([1.0, -0.5, 7.0, -1.5]))
     if perturb:  # move away from the sampling weights so that the ratio leaves the clip range for some rows
         g = torch.Generator().manual_seed(5)
@@ -322,7 +322,7 @@ def test_ddpo_gradient_equals_hand_written_formula(tiny, algo, perturb, forward_
     lp = _my_log_prob(s.policy, _guided(s.policy, x_t, t, embeds, neg), x_t, t, x_next).float()
     n_train, acc, mb = STEPS, 2, 2
     k = len(rows) // mb  # trained steps in this UNet call: all 3 batched, or 1 per call
-    assert k == (STEPS if forward_batch == 0 else 1)
+    assert k == per_call
     if algo == "ddpo-is":
         ratio = torch.exp(lp - old)
         loss = torch.mean(torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)))
@@ -343,9 +343,9 @@ def test_batched_steps_update_equals_the_per_step_loop(tiny, algo):
     """The speed-up (several trained steps per UNet call) changes no loss, metric or weight: a whole
     update with the steps batched ends where the reference's one-step-per-call loop ends."""
     results = []
-    for forward_batch in (2, 0, 4):  # one step per call (the reference), all steps, chunks of 2 + 1
+    for per_call in (1, 3, 2):  # one step per call (the reference), all steps, chunks of 2 + 1
         cfg = _config(tiny, algo, acc=2, inner=1 if algo == "ddpo-sf" else 2).with_changes(
-            {"train.max_forward_batch": forward_batch})
+            {"train.steps_per_forward": per_call})
         s = Setup(tiny, cfg, advantages=torch.tensor([1.0, -0.5, 2.0, -1.5]))
         grads: list[dict[str, torch.Tensor]] = []  # the accumulated gradient at every optimizer step
         step = s.optimizer.step

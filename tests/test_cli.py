@@ -154,16 +154,31 @@ def test_config_resolves_set_and_file(runner, tmp_path) -> None:
 # -- eval -------------------------------------------------------------------------------------------
 
 
-def test_eval(runner, run_dir, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    """A shapes run with one real checkpoint (perturbed weights), built without training."""
+    from eval_fixtures import make_eval_run
+
+    return make_eval_run(tmp_path_factory.mktemp("cli-eval") / "run-e", epochs=(1,))
+
+
+EVAL_SMALL = ["--prompts", "shapes-demo", "--prompts-per-set", "2", "--images-per-prompt", "1"]
+
+
+def test_eval(runner, eval_run, tmp_path) -> None:
     out_dir = tmp_path / "eval"
-    out = ok(runner.invoke(app, ["eval", str(run_dir.path), "--rewards", "incompressibility,compressibility",
-                                 "--out", str(out_dir)]))
-    assert "| run | checkpoint |" in out
-    assert str(out_dir / "scores.parquet") in out
+    cache = ["--cache", str(tmp_path / "cache")]
+    out = ok(runner.invoke(app, ["eval", str(eval_run.path), "--rewards", "incompressibility", "--out", str(out_dir),
+                                 *EVAL_SMALL, *cache]))
+    assert "Over-optimisation: proxy against gold" in out and "| run | trained on (proxy) |" in out
+    assert f"report:  {out_dir / 'report.html'}" in out
     scores = pd.read_parquet(out_dir / "scores.parquet")
-    assert len(scores) == 2 * 2 * 2
+    assert len(scores) == 2 * 2 * 5  # checkpoints (base, 1) x images x rewards (4 default + incompressibility)
     assert (out_dir / "tables" / "summary.md").is_file()
-    assert (out_dir / "plots" / "reward_curve_compressibility.png").is_file()
+    assert (out_dir / "plots" / "reward_curve_incompressibility.png").is_file()
+    (out_dir / "report.html").unlink()
+    out = ok(runner.invoke(app, ["eval", "--from", str(out_dir)]))
+    assert (out_dir / "report.html").is_file() and "Over-optimisation" in out
 
 
 # -- bad inputs: exit 2, one line, no traceback -------------------------------------------------------
@@ -217,28 +232,39 @@ def test_config_bad_inputs(runner, args, fragments) -> None:
     user_error(runner.invoke(app, ["config", *args]), *fragments)
 
 
-def test_eval_bad_inputs(runner, run_dir, tmp_path) -> None:
+def test_eval_bad_inputs(runner, run_dir, eval_run, tmp_path) -> None:
     (tmp_path / "plain").mkdir()
     user_error(runner.invoke(app, ["eval", str(tmp_path / "plain"), "--out", str(tmp_path / "e")]),
                "not an rlbench run directory")
     user_error(runner.invoke(app, ["eval", str(tmp_path / "missing"), "--out", str(tmp_path / "e")]),
                "does not exist")
+    user_error(runner.invoke(app, ["eval", str(run_dir.path), "--out", str(tmp_path / "e")]),  # logged samples only
+               "has no checkpoints")
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    user_error(runner.invoke(app, ["eval", str(run_dir.path), "--out", str(out)]), "already exists", "--overwrite")
+    user_error(runner.invoke(app, ["eval", str(eval_run.path), "--out", str(out)]), "already exists", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    user_error(runner.invoke(app, ["eval", str(run_dir.path), "--rewards", "incompresibility",
+    user_error(runner.invoke(app, ["eval", str(eval_run.path), "--rewards", "incompresibility",
                                    "--out", str(tmp_path / "e2")]), "Did you mean: 'incompressibility'")
+    user_error(runner.invoke(app, ["eval", str(eval_run.path), "--prompts", "shapes-held", "--out", str(tmp_path / "e2")]),
+               "unknown prompt set 'shapes-held'")
+    user_error(runner.invoke(app, ["eval", str(eval_run.path), "--checkpoints", "3", "--out", str(tmp_path / "e2")]),
+               "has no checkpoint 3; it has 1")
+    user_error(runner.invoke(app, ["eval"]), "give at least one run directory")
+    user_error(runner.invoke(app, ["eval", "--from", str(tmp_path)]), "not an rlbench eval folder")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e2").exists()
 
 
-def test_eval_overwrite(runner, run_dir, tmp_path) -> None:
+def test_eval_overwrite(runner, eval_run, tmp_path) -> None:
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    ok(runner.invoke(app, ["eval", str(run_dir.path), "--out", str(out), "--overwrite"]))
+    ok(runner.invoke(app, ["eval", str(eval_run.path), "--out", str(out), "--overwrite", "--no-cache", *EVAL_SMALL,
+                           "--checkpoints", "last", "--features", "none"]))
     assert not (out / "keep.txt").exists()
-    assert set(pd.read_parquet(out / "scores.parquet")["reward"]) == {"incompressibility"}  # the run's own
+    assert set(pd.read_parquet(out / "scores.parquet")["reward"]) == {
+        "shapes-clip", "shapes-aesthetic", "shapes-gold", "shapes-aesthetic-gold"}  # the run's and its model's
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,6 @@ itself so it can time each epoch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import itertools
 import json
@@ -40,7 +39,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -129,6 +127,43 @@ def load_text_encoder_weights(text_encoder, folder: Path) -> str:
     return how
 
 
+def bare_unet_seconds(trainer, config) -> tuple[float, float]:
+    """The UNet calls alone of one epoch, as benchmarks/speed.py's ``unet_only_seconds`` times rlbench's:
+    sampling = batches x steps forwards without grad at 2x the sample batch (guidance); training = micro-batches
+    x trained steps forward+backward at 2x the train batch (train_cfg), on the trained (LoRA) UNet; t = 500,
+    one prompt embedding, random latents, one warm-up call of each."""
+    import torch
+
+    unet = trainer.sd_pipeline.unet
+    c, size = unet.config.in_channels, unet.config.sample_size
+    emb = trainer.neg_prompt_embed  # (1, 77, dim): the shape of any prompt embedding
+    k = 2 if config.sample_guidance_scale > 1.0 else 1
+    kt = 2 if config.train_cfg else 1
+    micro = config.sample_batch_size * config.sample_num_batches_per_epoch // config.train_batch_size
+    micro *= config.train_num_inner_epochs
+
+    def call(b: int, grad: bool) -> None:
+        x = torch.randn(b, c, size, size)
+        t = torch.full((b,), 500)
+        e = emb.expand(b, -1, -1)
+        if grad:
+            unet(x, t, e).sample.float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                unet(x, t, e)
+
+    call(k * config.sample_batch_size, False), call(kt * config.train_batch_size, True)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(config.sample_num_batches_per_epoch * config.sample_num_steps):
+        call(k * config.sample_batch_size, False)
+    t1 = time.perf_counter()
+    for _ in range(micro * trainer.num_train_timesteps):
+        call(kt * config.train_batch_size, True)
+    t2 = time.perf_counter()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return t1 - t0, t2 - t1
+
+
 class Clock:
     """Seconds spent in wrapped trainer methods, per phase, since the last reset."""
 
@@ -154,6 +189,9 @@ def main() -> int:
     ap.add_argument("--prompts", required=True, type=Path, help="text file, one training prompt a line")
     ap.add_argument("--epochs", type=int, default=4, help="epochs to run (median over epochs 2..N)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bare-unet", action="store_true",
+                    help="after the epochs, also time the bare UNet calls of one epoch at the same shapes "
+                         "(benchmarks/speed.py's unet_only_seconds definition), in this environment")
     args = ap.parse_args()
     if args.epochs < 1:
         ap.error("--epochs must be >= 1")
@@ -185,13 +223,11 @@ def main() -> int:
     def prompt_fn():
         return next(prompt_cycle), {}
 
-    logdir = tempfile.mkdtemp(prefix="trl-ddpo-peer-")
     config = DDPOConfig(
         exp_name="trl_ddpo_peer",
         seed=args.seed,
         num_epochs=args.epochs,
         save_freq=10**9,  # trl saves accelerator state every epoch > 0 by default; no checkpoints here
-        logdir=logdir,
         **SETTINGS,
     )
     trainer = DDPOTrainer(config, jpeg_incompressibility, prompt_fn, pipeline)
@@ -255,6 +291,8 @@ def main() -> int:
         print(f"[trl_ddpo] epoch {epoch + 1}: {seconds:.2f} s (sampling {sampling:.2f}, "
               f"training {seconds - sampling:.2f})", file=sys.stderr, flush=True)
 
+    bare = bare_unet_seconds(trainer, config) if args.bare_unet else None
+
     measured = epochs[1:] if len(epochs) > 1 else epochs
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     out = {
@@ -292,13 +330,11 @@ def main() -> int:
         "sampling_s": statistics.median(e["sampling_s"] for e in measured),
         "reward_s": statistics.median(e["reward_s"] for e in measured),
         "training_s": statistics.median(e["training_s"] for e in measured),
+        "unet_only_sampling_s": bare[0] if bare else None,
+        "unet_only_training_s": bare[1] if bare else None,
         "peak_rss_bytes": rss_kb * 1024,
         "peak_rss_mb": rss_kb * 1024 / 1e6,
     }
-    with contextlib.suppress(Exception):
-        import shutil
-
-        shutil.rmtree(logdir)
     real_stdout.write(json.dumps(out) + "\n")
     real_stdout.flush()
     return 0

@@ -19,7 +19,6 @@ evaluation leaves no half-written output (and resumes from the cache when run ag
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -36,16 +35,12 @@ import pandas as pd
 from rlbench.errors import InputError
 from rlbench.eval.cache import EvalCache, NoCache, image_hash, key_of
 from rlbench.eval.plan import EvalPlan, RewardSpec, RunPlan, make_plan, reward_specs
+from rlbench.eval.results import (  # noqa: F401 - the column lists are part of this module's API
+    DIVERSITY_COLUMNS, KL_COLUMNS, SCORE_COLUMNS, load_results, parquet_bytes,
+)
 from rlbench.eval.scoring import (
     ImageStore, build_rewards, encode_png, features_of, meta_json, reward_cards, score_entries,
 )
-
-SCORE_COLUMNS = ["run", "algorithm", "trained_reward", "seed", "config", "checkpoint", "reward_queries",
-                 "prompt_set", "set_role", "prompt", "image_index", "sample_seed", "reward", "score", "image"]
-KL_COLUMNS = ["run", "checkpoint", "prompt_set", "prompt", "image_index", "sample_seed", "kl", "kl_steps",
-              "kl_eta", "eval_eta", "on_policy"]
-DIVERSITY_COLUMNS = ["run", "checkpoint", "prompt_set", "prompt", "n_images", "vendi", "mean_pairwise_distance",
-                     "features"]
 
 Advance = Callable[[int], None]
 
@@ -272,12 +267,6 @@ def _frames(plan: EvalPlan, records: list[dict[str, Any]], scores: Mapping[tuple
     return score_df, kl_df, div_df
 
 
-def _parquet(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
-
-
 def check_out(out: str | Path, overwrite: bool) -> Path:
     """The output folder must be new or empty unless ``overwrite`` (checked before any compute)."""
     p = Path(out)
@@ -286,6 +275,18 @@ def check_out(out: str | Path, overwrite: bool) -> Path:
         raise InputError(f"output directory {str(p)!r} {state}; choose another --out or pass --overwrite to "
                          "replace it.")
     return p
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Remove the half-written output of an evaluation that was killed (its process is gone)."""
+    for old in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            os.kill(int((old / ".pid").read_text()), 0)
+        except PermissionError:
+            continue  # the process exists (another user's): still running
+        except (OSError, ValueError):
+            shutil.rmtree(old, ignore_errors=True)  # no such process, or no pid: killed
+        # else: that evaluation is still running; leave it
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -360,7 +361,9 @@ def evaluate(
     out_path = check_out(out, overwrite)
     store_cache = NoCache() if cache is False else EvalCache(None if cache in (None, True) else cache)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(out_path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    (tmp / ".pid").write_text(str(os.getpid()))
     timings: dict[str, float] = {}
     try:
         store = ImageStore(tmp / "images")
@@ -406,12 +409,13 @@ def evaluate(
             "notices": notices,
             "timings": timings,
         }
-        (tmp / "scores.parquet").write_bytes(_parquet(score_df))
-        (tmp / "kl.parquet").write_bytes(_parquet(kl_df))
-        (tmp / "diversity.parquet").write_bytes(_parquet(div_df))
+        (tmp / "scores.parquet").write_bytes(parquet_bytes(score_df))
+        (tmp / "kl.parquet").write_bytes(parquet_bytes(kl_df))
+        (tmp / "diversity.parquet").write_bytes(parquet_bytes(div_df))
         timings["total"] = time.perf_counter() - t0
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
         tables = derive(tmp)
+        (tmp / ".pid").unlink()
         _swap_into_place(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -425,25 +429,6 @@ def _version() -> str:
     import rlbench
 
     return rlbench.__version__
-
-
-def load_results(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """scores, kl, diversity and meta of a results folder; a clear error when it is not one."""
-    folder = Path(folder)
-    need = ["scores.parquet", "kl.parquet", "diversity.parquet", "meta.json"]
-    missing = [n for n in need if not (folder / n).is_file()]
-    if missing:
-        raise InputError(f"{str(folder)!r} is not an rlbench eval folder (missing {', '.join(missing)}); pass --from "
-                         "a folder written by `rlbench eval`.")
-    try:
-        scores = pd.read_parquet(folder / "scores.parquet")
-        kl = pd.read_parquet(folder / "kl.parquet")
-        div = pd.read_parquet(folder / "diversity.parquet")
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    except Exception as exc:  # pyarrow, JSON: any decoding failure
-        raise InputError(f"the results in {str(folder)!r} cannot be read ({type(exc).__name__}: {exc}); run the "
-                         "evaluation again.") from exc
-    return scores, kl, div, meta
 
 
 def rebuild(folder: str | Path) -> EvalResult:

@@ -65,6 +65,7 @@ def reward_curves(summary: pd.DataFrame, meta: dict[str, Any]) -> dict[str, byte
     """
     plt = _plt()
     configs = {r["name"]: r["config"] for r in meta["runs"]}
+    labels = {r["name"]: f"{r['name']} ({r['algorithm']}, {r['trained_reward']}, seed {r['seed']})" for r in meta["runs"]}
     multi = {c for c in configs.values() if list(configs.values()).count(c) > 1}
     sets = list(dict.fromkeys(summary["prompt_set"]))
     out = {}
@@ -84,7 +85,8 @@ def reward_curves(summary: pd.DataFrame, meta: dict[str, Any]) -> dict[str, byte
                     else:
                         for r in runs:
                             d = sub[sub["run"] == r].sort_values("checkpoint")
-                            ax.errorbar(d[xcol], d["mean"], yerr=d["delta_se"], marker="o", ms=3, capsize=2, label=r)
+                            ax.errorbar(d[xcol], d["mean"], yerr=d["delta_se"], marker="o", ms=3, capsize=2,
+                                        label=labels.get(r, r))
                 ax.set_xlabel(xlabel, fontsize=8)
                 ax.tick_params(labelsize=7)
                 _int_ticks(ax)
@@ -107,7 +109,7 @@ def proxy_vs_gold(table: Table, meta: dict[str, Any]) -> dict[str, bytes]:
         return {}
     runs = [r for r in meta["runs"] if r["name"] in set(data["run"])]
     fig, axes = _grid(len(runs), width=4.2, height=3.0, max_cols=3)
-    scored = [c for c in data.columns if c not in ("run", "checkpoint", "reward_queries", "sqrt_kl")
+    scored = [c for c in data.columns if c not in ("run", "trained_reward", "checkpoint", "reward_queries", "sqrt_kl")
               and not c.endswith((" change", " change_se"))]
     for ax, run in zip(axes, runs):
         d = data[data["run"] == run["name"]].sort_values("checkpoint")
@@ -136,7 +138,7 @@ def reward_vs_sqrt_kl(table: Table, meta: dict[str, Any]) -> dict[str, bytes]:
     data = table.data
     if not len(data) or data["sqrt_kl"].isna().all():
         return {}
-    scored = [c for c in data.columns if c not in ("run", "checkpoint", "reward_queries", "sqrt_kl")
+    scored = [c for c in data.columns if c not in ("run", "trained_reward", "checkpoint", "reward_queries", "sqrt_kl")
               and not c.endswith((" change", " change_se"))]
     rewards: list[str] = []
     for run in meta["runs"]:

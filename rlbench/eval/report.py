@@ -37,6 +37,8 @@ th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:to
 th{background:#f4f4f4}tr:nth-child(even) td{background:#fafafa}
 .caption{color:#555;font-size:.88em;max-width:1100px}
 .plot{max-width:100%;border:1px solid #eee;margin:.4em 0}
+.grid{display:inline-table;margin:.4em 1em .4em 0;vertical-align:top}
+.grid caption{caption-side:top;text-align:left;font-size:.85em;font-weight:600;padding:.2em 0}
 .grid td{text-align:center;padding:2px}.grid img{image-rendering:pixelated;display:block}
 .notice{background:#fff6e0;border-left:3px solid #e0a800;padding:.3em .7em;font-size:.88em}
 nav a{margin-right:1em;font-size:.9em}
@@ -104,14 +106,15 @@ def _grids_html(folder: Path, scores: pd.DataFrame, meta: dict[str, Any]) -> str
         sets = list(dict.fromkeys(part["prompt_set"]))
         roles = part.groupby("prompt_set")["set_role"].first()
         sets.sort(key=lambda s: roles.get(s) != "train")
+        blocks: list[str] = []
         for s in sets:
             n = GRID_PROMPTS_TRAIN if roles.get(s) == "train" else GRID_PROMPTS_HELDOUT
             prompts = list(dict.fromkeys(part[part["prompt_set"] == s]["prompt"]))[:n]
             for prompt in prompts:
                 sub = part[(part["prompt_set"] == s) & (part["prompt"] == prompt)]
                 k = int(sub["image_index"].max()) + 1
-                cells = [f'<tr><th colspan="{k + 1}">{_esc(prompt)} <small>({_esc(s)}'
-                         f'{", train" if roles.get(s) == "train" else ", held-out"})</small></th></tr>']
+                cells = [f'<caption>{_esc(prompt)} <small>({_esc(s)}'
+                         f'{", train" if roles.get(s) == "train" else ", held-out"})</small></caption>']
                 for c in sorted(sub["checkpoint"].unique()):
                     row = [f"<th>{'base' if c == 0 else f'epoch {int(c)}'}</th>"]
                     for i in range(k):
@@ -125,7 +128,8 @@ def _grids_html(folder: Path, scores: pd.DataFrame, meta: dict[str, Any]) -> str
                         row.append(f"<td>{_img(data, f'{prompt} #{i} epoch {c}', cls='', width=_width(data), title=title)}"
                                    "</td>" if data else "<td>missing</td>")
                     cells.append("<tr>" + "".join(row) + "</tr>")
-                out.append('<table class="grid">' + "".join(cells) + "</table>")
+                blocks.append('<table class="grid">' + "".join(cells) + "</table>")
+        out.append("<div>" + "".join(blocks) + "</div>")
     return "".join(out)
 
 
@@ -197,7 +201,7 @@ def _replace(folder: Path, name: str, fill) -> None:
 
 def derive(folder: str | Path) -> dict[str, Table]:
     """(Re)write ``tables/``, ``plots/`` and ``report.html`` of ``folder`` from its data files; the tables."""
-    from rlbench.eval.evaluator import load_results
+    from rlbench.eval.results import load_results
     from rlbench.eval.plots import all_plots
     from rlbench.train.rundir import atomic_write_text
 

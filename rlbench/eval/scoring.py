@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from rlbench.eval.cache import NoCache, key_of
 from rlbench.eval.plan import RewardSpec
@@ -67,8 +66,10 @@ class ImageStore:
         return np.stack([decode_png((self.folder / self.name(h)).read_bytes()) for h in hashes])
 
 
-def as_float(images: np.ndarray) -> torch.Tensor:
+def as_float(images: np.ndarray):
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1], the reward contract's images."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
 
 

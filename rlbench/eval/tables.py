@@ -220,32 +220,34 @@ def proxy_vs_gold_table(scores: pd.DataFrame, kl: pd.DataFrame, meta: dict[str, 
     """Per run and checkpoint: the trained reward beside every other reward (training prompts), and sqrt(KL)."""
     rows, disp_rows = [], []
     kl_by = kl.groupby(["run", "checkpoint"])["kl"].mean() if len(kl) else pd.Series(dtype=float)
+    trained = [r["trained_reward"] for r in meta["runs"]]
+    rewards = list(dict.fromkeys(trained + list(dict.fromkeys(scores["reward"]))))
     for run in meta["runs"]:
         name, proxy = run["name"], run["trained_reward"]
         part = _run_sets(scores, name)
         if not len(part):
             continue
         st = paired_stats(with_base(part), ["checkpoint", "reward"])
-        rewards = [proxy] + [r for r in dict.fromkeys(part["reward"]) if r != proxy]
         for c in sorted(part["checkpoint"].unique()):
             sc = st[st["checkpoint"] == c].set_index("reward")
             k = kl_by.get((name, c), np.nan)
-            row = {"run": name, "checkpoint": int(c), "reward_queries": int(part[part["checkpoint"] == c]
-                                                                              ["reward_queries"].iloc[0]),
+            row = {"run": name, "trained_reward": proxy, "checkpoint": int(c),
+                   "reward_queries": int(part[part["checkpoint"] == c]["reward_queries"].iloc[0]),
                    "sqrt_kl": math.sqrt(k) if k == k and k >= 0 else np.nan}
-            drow = {"run": name, "checkpoint": int(c), "reward queries": row["reward_queries"],
+            drow = {"run": name, "trained on": proxy, "checkpoint": int(c), "reward queries": row["reward_queries"],
                     "√KL": num(row["sqrt_kl"], 3)}
             for r in rewards:
+                if r not in sc.index:
+                    continue
                 row[r] = sc.loc[r, "mean"]
                 row[f"{r} change"] = sc.loc[r, "delta"]
                 row[f"{r} change_se"] = sc.loc[r, "delta_se"]
-                label = f"{r} (trained)" if r == proxy else r
-                drow[label] = num(sc.loc[r, "mean"]) + ("" if c == 0 else f" ({pm(sc.loc[r, 'delta'], sc.loc[r, 'delta_se'])})")
+                drow[r] = num(sc.loc[r, "mean"]) + ("" if c == 0 else f" ({pm(sc.loc[r, 'delta'], sc.loc[r, 'delta_se'])})")
             rows.append(row)
             disp_rows.append(drow)
     return Table("proxy_vs_gold", "Every reward per checkpoint",
-                 "Mean on each run's training prompts; in brackets the change from the base model ± paired s.e. The "
-                 "trained reward comes first; √KL is the square root of the mean KL from the base model.",
+                 "Mean on each run's training prompts; in brackets the change from the base model ± paired s.e. "
+                 "Checkpoint 0 is the base model; √KL is the square root of the mean KL from it.",
                  pd.DataFrame(rows), pd.DataFrame(disp_rows).fillna(""))
 
 
@@ -332,6 +334,9 @@ def kl_table(kl: pd.DataFrame, scores: pd.DataFrame, meta: dict[str, Any]) -> Ta
                 kl_eta=("kl_eta", "first"), eval_eta=("eval_eta", "first"), on_policy=("on_policy", "first")).reset_index()
     out["kl_se"] = (out["kl_std"] / np.sqrt(out["n"])).fillna(0.0)
     out["sqrt_kl"] = np.sqrt(out["kl"].clip(lower=0))
+    order = {r["name"]: i for i, r in enumerate(meta["runs"])}
+    out = out.sort_values(["run", "checkpoint"], key=lambda col: col.map(order) if col.name == "run" else col,
+                          ignore_index=True)
     rq = scores.groupby(["run", "checkpoint"])["reward_queries"].first()
     out["reward_queries"] = [int(rq.get((r, c), -1)) for r, c in zip(out["run"], out["checkpoint"])]
     out = out[["run", "checkpoint", "reward_queries", "kl", "kl_se", "sqrt_kl", "n", "kl_steps", "kl_eta", "eval_eta",
@@ -409,11 +414,13 @@ def all_tables(scores: pd.DataFrame, kl: pd.DataFrame, div: pd.DataFrame, meta: 
     if any(len(g) > 1 for _, g in pd.Series([r["config"] for r in meta["runs"]]).groupby(
             [r["config"] for r in meta["runs"]])):
         data = config_curves(summary.data, meta)
-        disp = pd.DataFrame({"configuration": data["config"], "checkpoint": data["checkpoint"],
-                             "prompt set": data["prompt_set"], "reward": data["reward"],
-                             "mean ± sd over seeds": [f"{a:.4g} ± {b:.2g}" for a, b in zip(data["mean"], data["sd"])],
-                             "change ± sd": [f"{a:+.3g} ± {b:.2g}" for a, b in zip(data["delta"], data["delta_sd"])],
-                             "seeds": data["runs"]})
+        shown = data[data["runs"] > 1]
+        disp = pd.DataFrame({"configuration": shown["config"], "checkpoint": shown["checkpoint"],
+                             "prompt set": shown["prompt_set"], "reward": shown["reward"],
+                             "mean ± sd over seeds": [f"{a:.4g} ± {b:.2g}" for a, b in zip(shown["mean"], shown["sd"])],
+                             "change ± sd": [f"{a:+.3g} ± {b:.2g}" for a, b in zip(shown["delta"], shown["delta_sd"])],
+                             "seeds": shown["runs"]})
         tables["seeds"] = Table("seeds", "Seeds of one configuration",
-                                "Mean ± standard deviation over the runs (seeds) of each configuration.", data, disp)
+                                "Mean ± standard deviation over the runs (seeds) of each configuration that has "
+                                "several (the CSV has every configuration).", data, disp)
     return tables

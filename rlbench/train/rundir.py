@@ -519,9 +519,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def iter_run_dirs(paths: Iterable[str | Path]) -> list[RunDir]:
-    return [RunDir.open(p) for p in paths]
-
 
 def _stderr(text: str) -> None:
     print(f"notice: {text}", file=sys.stderr)

@@ -12,6 +12,7 @@ onwards exactly as an uninterrupted run would (on the same hardware and thread c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -29,7 +30,6 @@ from rlbench.config import TrainConfig, ensure_resolved, load_config
 from rlbench.errors import ConfigError, DependencyNotInstalled, RunDirError
 from rlbench.train.rundir import RunDir, atomic_write_text
 
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.safetensors", "trainer_state.json")
 
 
 def _slug(text: str) -> str:
@@ -246,8 +246,8 @@ class Trainer:
             path = [self.cfg.run.out or f"runs/{self.cfg.algorithm.name}-{_slug(self.cfg.reward.name)}-{_now()}"]
             if self.world > 1:
                 broadcast_object_list(path)
-            if self.cfg.run.out != path[0]:
-                self.cfg = self.cfg.with_changes({"run.out": path[0]})
+            if self.cfg.run.out != path[0]:  # the default name, fixed now (a timestamp): no re-resolution
+                self.cfg = dataclasses.replace(self.cfg, run=dataclasses.replace(self.cfg.run, out=path[0]))
             run = RunDir.create(path[0], overwrite=overwrite) if self.main else RunDir(path[0])
             start = 0
         self.accelerator.wait_for_everyone()
