@@ -167,6 +167,24 @@ class CheckpointSection:
     keep: int = _f(0, "Keep only the newest N checkpoints; 0 = keep all", "checkpoints")
 
 
+@dataclass(frozen=True)
+class EvalSection:
+    """Held-out evaluation during training: the `rlbench eval` harness, small, every few epochs."""
+
+    every: int = _f(0, "Evaluate every N epochs (and after the last one), logged as eval/REWARD/PROMPT_SET; "
+                       "0 = never", "epochs")
+    prompts: list = _f([], "Prompt sets evaluated; empty = the training set plus the held-out sets the model "
+                           "declares (shapes: shapes-heldout-*)")
+    prompts_per_set: int = _f(8, "Prompts per set: a fixed, seeded subset of larger sets", "prompts")
+    images_per_prompt: int = _f(2, "Images per prompt; image k of prompt p always gets the noise of (eval.seed, p, k), "
+                                   "so evaluations at different epochs are paired", "images")
+    rewards: list = _f([], "Rewards scored; empty = the training reward, logging.watch and the model's gold rewards")
+    seed: int = _f(0, "Seed of the evaluation noise")
+    kl: bool = _f(True, "Also log eval/kl/PROMPT_SET, the exact KL of the policy's DDIM transitions from the base "
+                        "model's on the evaluation trajectories (keeps a copy of the initial trainable weights: "
+                        "small for LoRA, one UNet for full fine-tuning)")
+
+
 SECTIONS: dict[str, type] = {
     "run": RunSection,
     "model": ModelSection,
@@ -178,6 +196,7 @@ SECTIONS: dict[str, type] = {
     "advantage": AdvantageSection,
     "logging": LoggingSection,
     "checkpoint": CheckpointSection,
+    "eval": EvalSection,
 }
 # Sections whose unknown keys are plugin options, collected into `options`.
 _OPEN_SECTIONS = ("reward", "algorithm")
@@ -197,6 +216,7 @@ class TrainConfig:
     advantage: AdvantageSection = field(default_factory=AdvantageSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     # What resolution adjusted for the user (printed at the start of a run); not part of config.toml.
     notices: tuple[str, ...] = field(default=(), compare=False, repr=False)
     resolved: bool = field(default=False, compare=False, repr=False)
@@ -247,6 +267,8 @@ class TrainConfig:
             "advantage.buffer_size": self.advantage.buffer_size,
             "advantage.min_count": self.advantage.min_count,
             "checkpoint.every": self.checkpoint.every,
+            "eval.prompts_per_set": self.eval.prompts_per_set,
+            "eval.images_per_prompt": self.eval.images_per_prompt,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -260,6 +282,8 @@ class TrainConfig:
             "logging.num_samples": self.logging.num_samples,
             "checkpoint.keep": self.checkpoint.keep,
             "run.seed": self.run.seed,
+            "eval.every": self.eval.every,
+            "eval.seed": self.eval.seed,
             "train.steps_per_forward": self.train.steps_per_forward,
         }
         for key, value in non_negative.items():

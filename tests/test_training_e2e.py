@@ -116,3 +116,28 @@ def test_two_process_gradients_are_synchronised(tiny, tmp_path):
     b = load_file(str(tmp_path / "replica1.safetensors"))
     assert any(not torch.equal(a[k], init[k]) for k in a), "no parameter changed: nothing was trained"
     assert all(torch.equal(a[k], b[k]) for k in a), "replicas diverged: gradients were not all-reduced"
+
+
+def test_eval_every_logs_held_out_curves_equal_to_the_harness(tiny, tmp_path):
+    """eval.every: the held-out evaluation runs with the weights after the epoch and logs what the
+    harness computes for the saved checkpoint (same noise, same rewards), KL 0 at the start."""
+    from rlbench.eval.evaluator import evaluate_policy
+    from rlbench.train.rundir import load_trained_policy
+
+    prompts = tmp_path / "held.txt"
+    prompts.write_text("a red cat\na blue dog\na green fish\n")
+    out = tmp_path / "run"
+    proc = _train("--model", str(tiny), "--reward", "incompressibility", "--epochs", "2", "--out", str(out), *SMALL,
+                  "--set", "eval.every=2", "--set", f'eval.prompts=["{prompts}"]', "--set", "eval.images_per_prompt=2",
+                  "--set", 'eval.rewards=["incompressibility","compressibility"]', "--set", "checkpoint.every=1")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("eval/") for k in rows[0])  # every 2 epochs: only after the second
+    logged = {k: v for k, v in rows[1].items() if k.startswith("eval/")}
+    assert set(logged) == {"eval/incompressibility/held", "eval/compressibility/held", "eval/kl/held"}
+    assert logged["eval/incompressibility/held"] == pytest.approx(-logged["eval/compressibility/held"])
+    assert logged["eval/kl/held"] > 0  # the LoRA moved the policy away from the base model
+    policy = load_trained_policy(out, 2)
+    again = evaluate_policy(policy, [str(prompts)], ["incompressibility"], seed=0, steps=3, eta=1.0, guidance=5.0,
+                            images_per_prompt=2, prompts_per_set=8, batch_size=4).metrics()
+    assert again["eval/incompressibility/held"] == pytest.approx(logged["eval/incompressibility/held"], rel=1e-4)

@@ -342,6 +342,7 @@ load_shapes_model.train_defaults = {
     "train.timestep_window": 0.5,
     "advantage.min_count": 8,
     "logging.num_samples": 16,
+    "eval.every": 5,  # held-out curves while the run goes: 4 sets x 8 prompts x 2 images, ~4 s an evaluation
     "checkpoint.keep": 0,  # every checkpoint stays: `rlbench eval` compares them with the base model
 }
 

@@ -138,13 +138,42 @@ def prepare(
         except ImportError as exc:
             raise DependencyNotInstalled("logging.wandb = true needs wandb: pip install 'rlbench[wandb]'.") from exc
     prompt_set = load_prompts(cfg.prompts.name)
+    evaluation = _eval_setup(cfg, reward, watch) if cfg.eval.every else None  # bad names fail here
     if resume is None and cfg.run.out and not overwrite:
         RunDir.check_fresh(cfg.run.out)  # the standard "already exists" error, before loading the model
     policy = load_policy(cfg.model.name, cfg.model.revision)
-    trainer = Trainer(cfg, policy, reward, algorithm, prompt_set, log=log, progress=progress, watch=watch)
+    trainer = Trainer(cfg, policy, reward, algorithm, prompt_set, log=log, progress=progress, watch=watch,
+                      evaluation=evaluation)
     for notice in cfg.notices:
         trainer.info(notice)
     return trainer
+
+
+@dataclass
+class EvalSetup:
+    """What ``eval.every`` evaluates: prompt sets and rewards (by label), resolved before the model loads."""
+
+    prompt_sets: list[Any]
+    rewards: dict[str, Any]
+
+
+def _eval_setup(cfg: TrainConfig, reward, watch: dict[str, Any]) -> EvalSetup:
+    """The training-time evaluation's prompt sets and rewards; defaults: the training set plus the model's
+    held-out sets; the training reward, the watched ones and the model's gold rewards."""
+    from rlbench.eval.plan import model_eval_defaults
+    from rlbench.prompts import load_prompts
+    from rlbench.registry import make_reward
+
+    declared = model_eval_defaults(cfg.model.name)
+    names = list(cfg.eval.prompts) or [cfg.prompts.name, *declared.get("prompt_sets", [])]
+    prompt_sets = [load_prompts(n) for n in dict.fromkeys(names)]
+    if cfg.eval.rewards:
+        rewards = {n: make_reward(n) for n in dict.fromkeys(cfg.eval.rewards)}
+    else:
+        rewards = {cfg.reward.name: reward, **watch}
+        for gold in declared.get("gold_rewards", []):
+            rewards.setdefault(gold, make_reward(gold))
+    return EvalSetup(prompt_sets, rewards)
 
 
 @dataclass
@@ -169,7 +198,7 @@ class Trainer:
     """One training run. Build with resolved parts; :meth:`run` does the epochs."""
 
     def __init__(self, cfg: TrainConfig, policy, reward, algorithm: Algorithm, prompt_set, log=print, progress=False,
-                 watch=None) -> None:
+                 watch=None, evaluation: EvalSetup | None = None) -> None:
         from accelerate import Accelerator
 
         self.cfg = ensure_resolved(cfg)
@@ -196,6 +225,11 @@ class Trainer:
         policy.setup_training(cfg.model.train_mode, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
         policy.to(self.device, frozen_dtype)
         policy.prepare(self.accelerator)
+        self.evaluation = evaluation if evaluation is not None or not self.cfg.eval.every else \
+            _eval_setup(self.cfg, reward, self.watch)
+        # The base model for eval.kl: the trainable weights as they start (before any checkpoint loads).
+        self._base_state = ({n: t.clone() for n, t in policy.named_trainable_state().items()}
+                            if self.cfg.eval.every and self.cfg.eval.kl else None)
         self.params = policy.trainable_parameters()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
@@ -415,7 +449,27 @@ class Trainer:
             part = torch.cat([watched(s.rollout.images, s.prompts, s.metadata).scores.detach().float() for s in sampled])
             record[f"watch_mean/{name}"] = float(self.accelerator.gather(part.to(self.device)).mean())
         record.update({k: v for k, v in metrics.items() if k not in record})
+        every = self.cfg.eval.every
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.run.epochs):
+            t0 = time.perf_counter()
+            record.update(self._evaluate())
+            record["seconds_eval"] = time.perf_counter() - t0
         return record
+
+    def _evaluate(self) -> dict[str, float]:
+        """The held-out evaluation of ``[eval]`` with the weights after this epoch's update (every process
+        runs it: forward passes go through the DDP wrapper, whose calls must match across processes)."""
+        from rlbench.eval.evaluator import evaluate_policy
+
+        cfg, ev = self.cfg, self.cfg.eval
+        result = evaluate_policy(
+            self.policy, self.evaluation.prompt_sets, self.evaluation.rewards, seed=ev.seed,
+            steps=cfg.sample.num_steps, eta=cfg.sample.eta, guidance=cfg.sample.guidance_scale,
+            images_per_prompt=ev.images_per_prompt, prompts_per_set=ev.prompts_per_set,
+            batch_size=cfg.sample.batch_size, negative_prompt=cfg.sample.negative_prompt,
+            base=self._base_state, kl_eta=cfg.sample.eta if self._base_state is not None else None,
+        )
+        return result.metrics()
 
     def _log_line(self, record: dict[str, Any]) -> None:
         kl = record["approx_kl"]
