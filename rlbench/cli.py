@@ -31,6 +31,9 @@ app.add_typer(models_app, name="models")
 app.add_typer(prompts_app, name="prompts")
 shapes_app = typer.Typer(help="The shapes world: pretrain and measure the embedded model.", no_args_is_help=True)
 app.add_typer(shapes_app, name="shapes")
+bench_app = typer.Typer(help="Benchmarks as versioned specs (benchmarks/<suite>/<name>-vN.toml): list, validate, run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -429,6 +432,83 @@ def shapes_quality(
     names = [x.strip() for x in splits.split(",") if x.strip()] if splits else None
     table = quality_table(policy, names, n=n, num_steps=steps, guidance_scale=guidance, seed=seed)
     typer.echo(markdown_table(table), nl=False)
+
+
+# -- bench ----------------------------------------------------------------------------------------
+
+
+@bench_app.command("list")
+@cli_errors
+def bench_list(
+    target: Optional[str] = typer.Argument(None, help="Spec file, folder or suite; default every shipped spec."),
+) -> None:
+    """The benchmark specs: suite, id, version, runs (seeds) and description."""
+    from rich.table import Table
+
+    from rlbench.bench.spec import load_specs
+
+    table = Table("suite", "spec", "version", "runs", "algorithm", "reward", "description", box=None)
+    for s in load_specs(target, resolve=False):
+        table.add_row(s.suite, s.id, str(s.version), str(len(s.seeds)), s.train["algorithm"]["name"], s.reward,
+                      s.description)
+    _console().print(table)
+
+
+@bench_app.command("validate")
+@cli_errors
+def bench_validate(
+    target: Optional[str] = typer.Argument(None, help="Spec file, folder or suite; default every shipped spec."),
+) -> None:
+    """Check specs: keys, types, reward version, and every seed's training config resolved by rlbench."""
+    from rlbench.bench.spec import validate_all
+
+    good, bad = validate_all(target)
+    for s in good:
+        typer.echo(f"ok       {s.suite}/{s.id} ({len(s.seeds)} runs)")
+    for path, message in bad.items():
+        typer.echo(f"invalid  {message if message.startswith(str(path)) else f'{path}: {message}'}", err=True)
+    if bad:
+        _fail(f"{len(bad)} of {len(good) + len(bad)} specs are invalid: {', '.join(str(p) for p in bad)}.")
+    typer.echo(f"{len(good)} specs valid.")
+
+
+@bench_app.command("run")
+@cli_errors
+def bench_run(
+    target: str = typer.Argument(..., help="Spec file, folder, suite (`shapes`) or spec id."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, samples, reward queries, estimated "
+                                 "time on this device or GPU hours) and stop."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default results/<suite>/)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Glob(s) over run ids, comma-separated, e.g. "
+                                       "'clip-*' or '*-ddpo-is-v1/seed-0'."),
+    resume: bool = typer.Option(False, "--resume", help="Continue interrupted runs from their last checkpoint."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override model.device (auto, cpu, cuda, ...)."),
+) -> None:
+    """Train and evaluate every experiment of the specs; finished runs are skipped."""
+    from rlbench.bench import runner
+    from rlbench.bench.spec import load_specs
+
+    specs = load_specs(target)
+    if dry_run:
+        plans, costs = runner.plan(specs, only, device=device or "auto", log=typer.echo)
+        typer.echo(runner.format_plan(plans, costs, device or "auto"))
+        return
+    outcomes = runner.run(specs, out=out, only=only, resume=resume, device=device, log=typer.echo)
+    ran = [o for o in outcomes if o.status != "skipped"]
+    typer.echo(f"{len(ran)} runs done, {len(outcomes) - len(ran)} skipped (finished before).")
+    for root in sorted({o.folder.parents[2] for o in outcomes}):
+        typer.echo(f"results: {root}")
+
+
+@bench_app.command("report")
+@cli_errors
+def bench_report(
+    folder: Path = typer.Argument(..., help="A `bench run` output folder, e.g. results/shapes."),
+) -> None:
+    """Rewrite the folder's README.md and summary.csv from its runs' states and evaluation tables."""
+    from rlbench.bench.runner import report
+
+    typer.echo(f"wrote {report(folder)}")
 
 
 def main() -> None:

@@ -16,9 +16,6 @@ from pathlib import Path
 
 from rlbench.errors import RLBenchError
 
-CHECKPOINT_EVERY = 5
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlbench.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo-out", help="output folder (replaced if it exists)")
@@ -34,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("training the embedded shapes model with DDPO-IS on shapes-clip (offline, CPU presets)")
         run = train(
-            overrides=["model.device=cpu", "logging.num_samples=32", f"checkpoint.every={CHECKPOINT_EVERY}"],
+            overrides=["model.device=cpu", "logging.num_samples=32"],  # the presets checkpoint every 5 epochs
             values={
                 "algorithm": {"name": "ddpo-is"}, "model": {"name": "shapes"}, "reward": {"name": "shapes-clip"},
                 "run": {"epochs": args.epochs, "out": str(out / "run"), "seed": 0},

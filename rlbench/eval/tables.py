@@ -171,7 +171,8 @@ def overoptimisation_table(scores: pd.DataFrame, meta: dict[str, Any]) -> Table:
         for gold in golds:
             g = st.xs(gold, level="reward")["mean"]
             sign = _better(info, gold)
-            best = int((g * sign).idxmax())
+            signed = g * sign  # ties (within rounding) go to the earliest checkpoint
+            best = int(min(c for c, v in signed.items() if v >= signed.max() - 1e-9 * max(1.0, abs(signed.max()))))
             rows.append({
                 "run": name, "config": run["config"], "seed": run["seed"], "prompt_set": ", ".join(
                     sorted(part["prompt_set"].unique())), "proxy": proxy, "gold": gold, "gold_kind": kind,
@@ -202,11 +203,13 @@ def overoptimisation_table(scores: pd.DataFrame, meta: dict[str, Any]) -> Table:
         for (config, gold), g in groups:
             if len(g) < 2:
                 continue
-            ms = lambda c: f"{g[c].mean():+.3g} ± {g[c].std(ddof=1):.2g} sd"  # noqa: E731
+            def ms(col: str, signed: bool = True, g=g) -> str:
+                return f"{g[col].mean():{'+' if signed else ''}.4g} ± {g[col].std(ddof=1):.2g} sd"
+
             extra.append({"run": f"{config} (mean ± sd of {len(g)} seeds)", "trained on (proxy)": g["proxy"].iloc[0],
                           "proxy gain (last − base)": ms("proxy_gain"), "judged by": gold,
-                          "base": ms("gold_base"), "at best checkpoint": ms("gold_best"),
-                          "at last checkpoint": ms("gold_last"), "drop best → last": ms("drop_best_to_last"),
+                          "base": ms("gold_base", False), "at best checkpoint": ms("gold_best", False),
+                          "at last checkpoint": ms("gold_last", False), "drop best → last": ms("drop_best_to_last"),
                           "change last − base": ms("gold_change")})
         disp = pd.concat([disp, pd.DataFrame(extra)], ignore_index=True)
     caption = ("On each run's training prompts. The proxy is the trained reward; it is judged by the model's exact gold "
@@ -354,7 +357,8 @@ def kl_table(kl: pd.DataFrame, scores: pd.DataFrame, meta: dict[str, Any]) -> Ta
                "averaged over images. σt is that of the run's own stochastic policy (its training eta); with the "
                "deterministic sampler (eta = 0) the transitions have no density, so the KL is always measured for the "
                "training eta, on-policy when the eval eta equals it. "
-               + " ".join(f"{run}: {note}." for run, note in notes.items()))
+               + " ".join(f"{', '.join(r for r, n in notes.items() if n == note)}: {note}."
+                          for note in dict.fromkeys(notes.values())))
     return Table("kl", "KL from the base model", caption, out, disp)
 
 
@@ -375,6 +379,9 @@ def diversity_table(div: pd.DataFrame, meta: dict[str, Any]) -> Table:
     out["delta_se"] = (out["d_std"] / np.sqrt(out["prompts"])).fillna(0.0)
     out.loc[out["checkpoint"] == 0, ["delta", "delta_se"]] = 0.0
     out = out.drop(columns=["vendi_std", "d_std"])
+    order = {r["name"]: i for i, r in enumerate(meta["runs"])}
+    out = out.sort_values(["run", "checkpoint"], key=lambda col: col.map(order) if col.name == "run" else col,
+                          kind="stable", ignore_index=True)
     disp = pd.DataFrame({
         "run": out["run"], "checkpoint": out["checkpoint"], "prompt set": out["prompt_set"],
         "Vendi ± s.e.": [pm(a, b, signed=False) for a, b in zip(out["vendi"], out["vendi_se"])],
