@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rlbench.diffusion.policy import load_policy
-from rlbench.eval.sampling import BaseWeights, sample_paired, to_uint8_hwc
+from rlbench.eval.sampling import BaseWeights, sample_paired
+from rlbench.utils.images import to_uint8
 from rlbench.testing import save_tiny_sd_pipeline
 
 STEPS, GUIDANCE = 3, 3.0
@@ -73,7 +74,7 @@ def _independent(policy, base_unet, prompts, seeds, eta, kl_eta):
             kl += ((m1.double() - m0.double()) ** 2).flatten(1).sum(1) / (2 * float(sigma) ** 2)
             noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
             x = sched.step(e1, t, x, eta=eta, variance_noise=noise).prev_sample
-        images = to_uint8_hwc(policy.decode(x))
+        images = to_uint8(policy.decode(x), layout="hwc")
     return images, kl.numpy()
 
 

@@ -25,6 +25,7 @@ import torch
 
 from rlbench.diffusion.ddim import ddim_step_with_logprob, ddim_transition
 from rlbench.eval.kl import transition_kl
+from rlbench.utils.images import to_uint8
 
 
 def sample_seed(eval_seed: int, prompt: str, index: int) -> int:
@@ -89,12 +90,6 @@ class SampledBatch:
     kl_steps: int = 0
 
 
-def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, ``(x * 255).round().clamp(0, 255)``."""
-    q = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-    return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
 @torch.no_grad()
 def sample_paired(
     policy: Any,
@@ -144,5 +139,5 @@ def sample_paired(
             latents, _ = ddim_step_with_logprob(scheduler, eps, t, latents, eta=eta, generator=generators)
         else:
             latents, _ = ddim_transition(scheduler, eps, t, latents, 0.0)
-    images = to_uint8_hwc(policy.decode(latents))
+    images = to_uint8(policy.decode(latents), layout="hwc")
     return SampledBatch(images, kl.cpu().numpy() if kl is not None else None, kl_steps)
