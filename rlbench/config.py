@@ -133,7 +133,7 @@ class OptimSection:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off")
     steps_per_forward: int = _f(
         0, "DDPO: trained denoising steps of a micro-batch that share one UNet forward+backward (the reference: 1). "
-        "Same gradient, fuller batches, more activation memory. 0 = auto: 4 on a CPU (1.2x faster per epoch at "
+        "Same gradient, fuller batches, more activation memory. 0 = auto: 4 on a CPU (training 1.2x faster at "
         "issue 12's settings), 1 on a GPU; raise it while memory allows", "steps")
     cfg: bool = _f(True, "Train the guided epsilon (paper App. E.1: essential after the first round)")
 

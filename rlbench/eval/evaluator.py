@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from rlbench.errors import InputError
+from rlbench.train.rundir import fresh_dir
 from rlbench.eval.cache import EvalCache, NoCache, image_hash, key_of
 from rlbench.eval.plan import EvalPlan, RewardSpec, RunPlan, make_plan, reward_specs
 from rlbench.eval.results import (  # noqa: F401 - the column lists are part of this module's API
@@ -269,12 +270,7 @@ def _frames(plan: EvalPlan, records: list[dict[str, Any]], scores: Mapping[tuple
 
 def check_out(out: str | Path, overwrite: bool) -> Path:
     """The output folder must be new or empty unless ``overwrite`` (checked before any compute)."""
-    p = Path(out)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
-        state = "exists and is not a directory" if not p.is_dir() else "already exists and is not empty"
-        raise InputError(f"output directory {str(p)!r} {state}; choose another --out or pass --overwrite to "
-                         "replace it.")
-    return p
+    return fresh_dir(out, overwrite, create=False, error=InputError)
 
 
 def _remove_stale_tmp(out: Path) -> None:

@@ -215,14 +215,16 @@ def verify_checkpoint(folder: str | Path, required: Iterable[str] = CHECKPOINT_F
 
 
 def fresh_dir(path: str | Path, overwrite: bool = False, *, what: str = "output directory",
-              fix: str = "choose another --out or pass --overwrite to replace it", create: bool = True) -> Path:
-    """An empty directory at ``path`` for a new run or evaluation: one that holds anything is an error
-    naming ``fix``, unless ``overwrite`` (then it is replaced). Shared by train, eval and pretraining."""
+              fix: str = "choose another --out or pass --overwrite to replace it", create: bool = True,
+              error: type[Exception] = RunDirError) -> Path:
+    """An empty directory at ``path`` for a new run or evaluation: one that holds anything is an ``error``
+    naming ``fix``, unless ``overwrite`` (then it is replaced; with ``create=False`` only checked, nothing
+    touched). Shared by train, eval and pretraining."""
     p = Path(path)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         if not overwrite:
             state = "exists and is not a directory" if not p.is_dir() else "already exists and is not empty"
-            raise RunDirError(f"{what} {str(p)!r} {state}; {fix}.")
+            raise error(f"{what} {str(p)!r} {state}; {fix}.")
         if create:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     if create:
