@@ -92,6 +92,7 @@ class _DDPO(Algorithm):
         adv = config.advantage
         # The [advantage] section configures this tracker; it lives here because only DDPO reads it.
         self.tracker = PerPromptStatTracker(adv.buffer_size, adv.min_count) if adv.per_prompt else None
+        self.part_trackers: dict[str, PerPromptStatTracker] = {}  # advantage.aggregate = "gdpo": one per reward
 
     @classmethod
     def validate(cls, config, options) -> None:
@@ -106,30 +107,62 @@ class _DDPO(Algorithm):
         return batch_normalize(rewards)
 
     def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict()} if self.tracker is not None else {}
+        if self.tracker is None:
+            return {}
+        state = {"tracker": self.tracker.state_dict()}
+        if self.part_trackers:
+            state["part_trackers"] = {name: t.state_dict() for name, t in self.part_trackers.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.tracker is not None:
             self.tracker.load_state_dict(state["tracker"])
+            adv = self.config.advantage
+            self.part_trackers = {}
+            for name, saved in state.get("part_trackers", {}).items():
+                self.part_trackers[name] = PerPromptStatTracker(adv.buffer_size, adv.min_count)
+                self.part_trackers[name].load_state_dict(saved)
 
     def loss(self, log_prob, old_log_prob, advantages):
         raise NotImplementedError
 
-    def update(self, policy, batch: TrainBatch, ctx: UpdateContext) -> dict[str, float | None]:
+    def part_advantages(self, name: str, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """advantage.aggregate = 'gdpo': one component reward normalised as :meth:`advantages` would,
+        with its own per-prompt tracker."""
+        if self.tracker is None:
+            return batch_normalize(rewards)
+        adv = self.config.advantage
+        tracker = self.part_trackers.setdefault(name, PerPromptStatTracker(adv.buffer_size, adv.min_count))
+        return tracker.update(prompts, rewards)
+
+    def train_indices(self, batch: TrainBatch, ctx: UpdateContext) -> torch.Tensor:
+        """The samples the update trains on (all of them; GRPO drops groups without signal)."""
+        return torch.arange(len(batch))
+
+    def step_loss(self, policy, x_t, ts, x_next, embeds, neg_embeds, old_log_prob, advantages, ctx: UpdateContext
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one UNet call's (sample, step) pairs under the current weights, and what it logs."""
         cfg = self.config
-        n, steps = len(batch), batch.log_probs.shape[1]
+        guidance = cfg.sample.guidance_scale if cfg.train.cfg else 1.0
+        log_prob = policy.step_log_prob(x_t, ts, x_next, embeds, neg_embeds, guidance, cfg.sample.eta)
+        return self.loss(log_prob, old_log_prob, advantages)
+
+    def update(self, policy, batch: TrainBatch, ctx: UpdateContext, keep: torch.Tensor | None = None
+               ) -> dict[str, float | None]:
+        cfg = self.config
+        keep = self.train_indices(batch, ctx) if keep is None else keep
+        n, steps = len(keep), batch.log_probs.shape[1]
         window = max(1, int(steps * cfg.train.timestep_window))  # the first (noisiest) steps; all by default
         n_train = max(1, int(window * cfg.train.timestep_fraction))
         mb, acc = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
         chunks = step_chunks(n_train, steps_per_forward(cfg, policy.device))
-        guidance = cfg.sample.guidance_scale if cfg.train.cfg else 1.0
-        sums = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
+        sums: dict[str, float] = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         count = 0
+        n_micro = n // mb
         for _ in range(cfg.train.num_inner_epochs):
-            order = torch.randperm(n, generator=ctx.generator)
+            order = keep[torch.randperm(n, generator=ctx.generator)]
             # Each sample gets its own random order of denoising steps (reference L455-471).
             tperm = torch.stack([torch.randperm(window, generator=ctx.generator) for _ in range(n)])
-            n_micro = n // mb
             for m in range(n_micro):
                 idx = order[m * mb : (m + 1) * mb]
                 perm = tperm[m * mb : (m + 1) * mb, :n_train].to(batch.latents.device)
@@ -140,23 +173,26 @@ class _DDPO(Algorithm):
                 ts = batch.timesteps[perm]
                 embeds = batch.prompt_embeds[idx.to(batch.prompt_embeds.device)]
                 adv = batch.advantages[idx.to(batch.advantages.device)]
+                # An optimizer step closes every `acc` micro-batches, and the last (maybe shorter) group of
+                # an inner epoch when GRPO's filter left a number of micro-batches that `acc` does not divide.
+                group = min(acc, n_micro - (m // acc) * acc)
                 # The reference takes one UNet call per trained step (j below); several steps go in one
                 # call here. The weights do not change within a micro-batch and the loss is a mean, so
                 # chunk c's loss weighted by its share k/n_train sums to exactly the per-step losses'
                 # sum / n_train: the same gradient, far fuller batches (tests/test_algorithms.py).
                 for c, (j0, k) in enumerate(chunks):
                     cut = slice(j0, j0 + k)
-                    log_prob = policy.step_log_prob(
-                        x_t[:, cut].flatten(0, 1), ts[:, cut].flatten(), x_next[:, cut].flatten(0, 1),
-                        embeds.repeat_interleave(k, dim=0), batch.neg_embeds, guidance, cfg.sample.eta,
+                    loss, info = self.step_loss(
+                        policy, x_t[:, cut].flatten(0, 1), ts[:, cut].flatten(), x_next[:, cut].flatten(0, 1),
+                        embeds.repeat_interleave(k, dim=0), batch.neg_embeds, old_lp[:, cut].flatten(),
+                        adv.repeat_interleave(k), ctx,
                     )
-                    loss, info = self.loss(log_prob, old_lp[:, cut].flatten(), adv.repeat_interleave(k))
-                    sync = (m + 1) % acc == 0 and c == len(chunks) - 1
-                    ctx.backward(loss * (k / (acc * n_train)), sync=sync)
+                    sync = ((m + 1) % acc == 0 or m + 1 == n_micro) and c == len(chunks) - 1
+                    ctx.backward(loss * (k / (group * n_train)), sync=sync)
                     # Per-step means, as the reference logs them: a chunk's mean stands for its k steps.
                     sums["loss"] += float(loss.detach()) * k
-                    sums["approx_kl"] += float(info["approx_kl"]) * k
-                    sums["clipfrac"] += float(info["clipfrac"]) * k
+                    for key, value in info.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * k
                     count += k
         return {k: v / max(count, 1) for k, v in sums.items()}
 

@@ -110,6 +110,12 @@ class _RWRBase(Algorithm):
                 f"{cls.name} samples with the stochastic DDIM policy: sample.eta must be > 0 "
                 f"(paper: 1.0), got {config.sample.eta}."
             )
+        if config.advantage.aggregate != "sum":
+            raise ConfigError(
+                f"{cls.name} weights samples by exp(reward / temperature) of the combined reward; advantage.aggregate "
+                f"= {config.advantage.aggregate!r} applies to policy-gradient algorithms (ddpo-is, ddpo-sf, grpo): "
+                "use advantage.aggregate = 'sum'."
+            )
 
     def update(self, policy, batch: TrainBatch, ctx: UpdateContext) -> dict[str, float | None]:
         cfg = self.config

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from rlbench.errors import ConfigError
 from rlbench.registry import ALGORITHMS
 
 # Annotations name rlbench.config.TrainConfig as a string: config resolution loads algorithm
@@ -58,6 +59,11 @@ class UpdateContext:
     params: list[torch.nn.Parameter]
     policy: Any  # the DiffusionPolicy being trained (its forward module is DDP-wrapped when distributed)
     steps: int = 0  # optimizer steps taken so far in this update
+    # The base model, for algorithms whose uses_reference() is true (GRPO's KL anchor): a
+    # rlbench.diffusion.policy.BaseWeights made before any checkpoint loaded; `with ctx.reference.active():`
+    # the policy computes the base model.
+    reference: Any = None
+    reward: Any = None  # the training reward (a CheckedReward), for algorithms that score inside update()
 
     def backward(self, loss: torch.Tensor, sync: bool) -> None:
         """Backward of one micro-step; on ``sync`` also all-reduce, clip and take the optimizer step.
@@ -83,6 +89,9 @@ class Algorithm:
     # True: updates re-run the UNet on the stored trajectory's denoising steps (DDPO);
     # False: one UNet call per sample per inner epoch (RWR's denoising regression).
     trains_on_trajectory: ClassVar[bool] = True
+    # True: the algorithm samples and scores inside its own update with gradients through the sampler
+    # (DRaFT, AlignProp): the trainer calls train_direct() instead of sample -> score -> advantages -> update.
+    direct: ClassVar[bool] = False
 
     @dataclass
     class Options:
@@ -106,6 +115,34 @@ class Algorithm:
         """Raise ConfigError for settings this algorithm cannot run. Never changes ``config``."""
 
     def advantages(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def part_advantages(self, name: str, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``advantage.aggregate = "gdpo"``: the advantages of one component of a combined reward on its
+        own; the trainer sums them with the components' weights and batch-normalises (GDPO)."""
+        raise ConfigError(
+            f"algorithm {self.name!r} has no per-reward advantages, so advantage.aggregate = 'gdpo' cannot apply; "
+            "use advantage.aggregate = 'sum'."
+        )
+
+    def finish_gdpo(self, advantages: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``advantage.aggregate = "gdpo"``: a last look at the aggregated advantages (GRPO keeps groups flat in
+        every reward at exactly 0); unchanged by default."""
+        return advantages
+
+    def uses_reference(self) -> bool:
+        """Whether updates need the base model (``ctx.reference``), e.g. for a KL penalty to it."""
+        return False
+
+    def shares_initial_noise(self) -> bool:
+        """Whether the images of one prompt in an epoch start from the same x_T (DanceGRPO's init_same_noise)."""
+        return False
+
+    def train_direct(self, policy: Any, batches: list[tuple[list[str], list[dict]]], ctx: UpdateContext
+                     ) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+        """``direct`` algorithms: the epoch's training from its prompt batches. Returns, per batch, a dict with
+        ``images`` (detached, (B,3,H,W) in [0,1]) and ``scores`` ((B,) float32, CPU) as sampled before that
+        batch's update, and the epoch's metrics."""
         raise NotImplementedError
 
     def update(self, policy: Any, batch: TrainBatch, ctx: UpdateContext) -> dict[str, float | None]:

@@ -145,6 +145,10 @@ class AdvantageSection:
     per_prompt: bool = _f(True, "Normalise per prompt with a ring buffer; false = batch statistics")
     buffer_size: int = _f(16, "Rewards kept per prompt (ddpo-pytorch: 16)", "rewards")
     min_count: int = _f(16, "Rewards a prompt needs before its own stats are used (ddpo-pytorch: 16)", "rewards")
+    aggregate: str = _f(
+        "sum", "Combined rewards (a+b) in policy-gradient algorithms: sum = advantages of the weighted sum; gdpo = "
+        "the weighted sum of each reward's own normalised advantages, batch-normalised (arXiv 2601.05242), so "
+        "an easy reward does not drown a hard one", choices=("sum", "gdpo"))
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,12 @@ class TrainConfig:
                 f"advantage.min_count ({self.advantage.min_count}) exceeds advantage.buffer_size "
                 f"({self.advantage.buffer_size}), so per-prompt statistics would never be used; set "
                 "min_count <= buffer_size."
+            )
+        if self.advantage.aggregate == "gdpo" and not any(c in self.reward.name for c in "+,"):
+            raise ConfigError(
+                f"advantage.aggregate = 'gdpo' normalises each reward of a combination on its own, but "
+                f"reward.name = {self.reward.name!r} is a single reward; combine rewards (e.g. "
+                "--reward 'shapes-clip:1+shapes-aesthetic:0.5') or use advantage.aggregate = 'sum'."
             )
         if not self.reward.name:
             raise ConfigError("reward.name is empty; choose one with --reward NAME (`rlbench rewards list`).")

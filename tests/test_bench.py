@@ -47,19 +47,25 @@ def test_every_shipped_spec_validates():
         assert (cfg.samples_per_update, cfg.updates_per_epoch) == {
             "ddpo-is": (64, 4), "ddpo-sf": (256, 1), "rwr": (128, 400), "rwr-sparse": (128, 400)}[cfg.algorithm.name]
         assert {"unseen-animals", "everyday-objects"} <= set(s.eval["prompts"])
-    # Shapes: 4 algorithms x {shapes-clip, shapes-aesthetic, shapes-gold}, 2-3 seeds, gold rewards in every evaluation.
-    assert {(s.reward, s.train["algorithm"]["name"]) for s in shapes} == {
+    # Shapes: 4 algorithms x {shapes-clip, shapes-aesthetic, shapes-gold}, 2-3 seeds, gold rewards in every evaluation;
+    # and the successor families (grpo with and without KL, draft) on both proxies at equal wall time.
+    ddpo_rwr = [s for s in shapes if s.train["algorithm"]["name"] in ALGOS]
+    assert {(s.reward, s.train["algorithm"]["name"]) for s in ddpo_rwr} == {
         (r, a) for r in ("shapes-clip", "shapes-aesthetic", "shapes-gold") for a in ALGOS}
+    successors = sorted((s.reward, s.name) for s in shapes if s not in ddpo_rwr)
+    assert successors == sorted((f"shapes-{r}", f"{r}-{k}") for r in ("clip", "aesthetic")
+                                for k in ("grpo", "grpo-nokl", "draft"))
     for s in shapes:
         assert 2 <= len(s.seeds) <= 3
         assert {"shapes-gold", "shapes-aesthetic-gold"} <= set(s.eval["rewards"])
         cfg = s.configs[s.seeds[0]]
-        assert cfg.samples_per_epoch * cfg.run.epochs == 2048  # the same reward-query budget for every algorithm
+        if s in ddpo_rwr:
+            assert cfg.samples_per_epoch * cfg.run.epochs == 2048  # the same reward-query budget for every algorithm
 
 
 def test_specs_are_found_by_path_suite_and_id():
     assert (packaged_root() / "shapes" / "clip-rwr-v1.toml").is_file()  # package data (rlbench.benchmarks)
-    assert len(find_specs("shapes")) == 12 and len(find_specs(ROOT / "benchmarks" / "ddpo-paper")) == 16
+    assert len(find_specs("shapes")) == 18 and len(find_specs(ROOT / "benchmarks" / "ddpo-paper")) == 16
     assert find_specs("shapes/clip-rwr-v1") == find_specs("clip-rwr-v1") == [packaged_root() / "shapes/clip-rwr-v1.toml"]
     with pytest.raises(ConfigError, match="ambiguous"):
         find_specs("aesthetic-rwr-v1")  # in both suites
@@ -137,7 +143,7 @@ def test_cli_bench_list_and_validate(runner, tmp_path):
     assert "compressibility-ddpo-is-v1" in res.output and "gold-rwr-sparse-v1" in res.output
     res = runner.invoke(app, ["bench", "validate"])
     assert res.exit_code == 0, res.output
-    assert "28 specs valid." in res.output
+    assert "34 specs valid." in res.output
     # A folder with one good and two bad specs: exit 2, every invalid one named.
     _copy(tmp_path)
     _copy(tmp_path, lambda t: t.replace("[eval]\n", "[eval]\nimages = 3\n").replace("clip-ddpo-is", "bad-a"), "bad-a-v1.toml")
@@ -292,6 +298,12 @@ def test_tiny_spec_runs_end_to_end_and_a_rerun_skips_it(tiny_spec, tmp_path, cou
     readme = (out / "README.md").read_text()
     assert "Git commit:" in readme and "torch " in readme and "Wall time:" in readme and "| tiny-v1 | 1 |" in readme
     assert (out / "summary.csv").is_file() and (out / "runs" / "tiny-v1" / "tiny-v1.toml").is_file()
+    # The cross-run tables, plots and report of the suite.
+    for name in ("efficiency", "overoptimisation", "transfer"):
+        assert (out / "tables" / f"{name}.md").is_file() and (out / "tables" / f"{name}.csv").is_file()
+        assert (out / "tables" / f"{name}.md").read_text().split("\n\n", 1)[1] in readme
+    assert (out / "plots" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Sample efficiency per trained reward" in (out / "report.html").read_text()
     # The combined README regenerates from the folder alone.
     (out / "README.md").unlink()
     res = runner.invoke(app, ["bench", "report", str(out)])
@@ -354,3 +366,56 @@ def test_a_run_killed_while_evaluating_resumes_without_training_again(tiny_spec,
     outcomes = bench_runner.run(tiny_spec, out=out, resume=True, log=lambda line: None)
     assert [o.status for o in outcomes] == ["resumed"] and counted["train"] == [None]  # trained once
     assert (run / "eval" / "report.html").is_file()
+
+
+# -- cross-run analysis ------------------------------------------------------------------------------------
+
+
+def _fake_suite():
+    """Two specs (algorithms a, b trained on proxy p), two seeds, checkpoints at 0/50/100 queries, one gold."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    specs = [SimpleNamespace(id=f"{a}-v1", train={"algorithm": {"name": a}}, reward="p", suite="s") for a in "ab"]
+    rows = []
+    # proxy change by (algo, seed) at queries 0, 50, 100; gold mean at the same checkpoints.
+    proxy = {("a", 0): [0, 1, 2], ("a", 1): [0, 3, 4], ("b", 0): [0, 0, 2], ("b", 1): [0, 0, 2]}
+    gold = {("a", 0): [0.5, 0.7, 0.4], ("a", 1): [0.5, 0.6, 0.6], ("b", 0): [0.5, 0.5, 0.5], ("b", 1): [0.5, 0.4, 0.3]}
+    held = {("a", 0): 1.0, ("a", 1): 2.0, ("b", 0): -1.0, ("b", 1): 1.0}
+    for (a, seed), ys in proxy.items():
+        for c, (q, y) in enumerate(zip((0, 50, 100), ys)):
+            base = dict(spec=f"{a}-v1", seed=seed, run="train", checkpoint=c, reward_queries=q)
+            rows.append({**base, "prompt_set": "tr", "set_role": "train", "reward": "p", "mean": 10 + y, "delta": y})
+            g = gold[(a, seed)]
+            rows.append({**base, "prompt_set": "tr", "set_role": "train", "reward": "x-gold", "mean": g[c],
+                         "delta": g[c] - g[0]})
+            rows.append({**base, "prompt_set": "ho", "set_role": "held-out", "reward": "p", "mean": 0.0,
+                         "delta": held[(a, seed)] if c == 2 else 0.0})
+    return pd.DataFrame(rows), specs
+
+
+def test_suite_tables_compute_efficiency_overoptimisation_and_transfer():
+    import numpy as np
+
+    from rlbench.bench import analysis
+
+    summary, specs = _fake_suite()
+    eff = analysis.efficiency(summary, specs).data.set_index("algorithm")
+    # AUC / budget with trapezoids: a seed 0: (0+1)/2*50 + (1+2)/2*50 = 100 -> 1.0; seed 1: 75 + 175 = 250 -> 2.5.
+    assert eff.loc["a", "auc"] == pytest.approx(1.75) and eff.loc["b", "auc"] == pytest.approx(0.5)
+    assert eff.loc["a", "rank"] == 1 and eff.loc["b", "rank"] == 2
+    assert eff.loc["a", "half"] == pytest.approx(2.0) and eff.loc["b", "full"] == pytest.approx(2.0)
+
+    oo = analysis.overoptimisation(summary, specs)
+    data = oo.data.set_index("algorithm")
+    assert data.loc["a", "proxy_gain"] == pytest.approx(3.0)
+    assert data.loc["a", "x-gold:change"] == pytest.approx(np.mean([-0.1, 0.1]))
+    assert data.loc["a", "x-gold:drop"] == pytest.approx(np.mean([0.3, 0.0]))
+    shown = oo.display.set_index("algorithm")
+    assert shown.loc["a", "x-gold peak at (queries)"] == "50, 50"  # per seed, where the gold was highest
+    assert shown.loc["b", "x-gold peak at (queries)"] == "0, 0"    # the base model was best: pure over-optimisation
+    assert shown.loc["a", "trained-reward gain"] == f"+3 ± {np.std([2, 4], ddof=1):.2g}"
+
+    tr = analysis.transfer(summary, specs).data.set_index("algorithm")
+    assert tr.loc["a", "ho"] == pytest.approx(1.5) and tr.loc["b", "ho"] == pytest.approx(0.0)
+    assert tr.loc["a", "tr"] == pytest.approx(3.0)

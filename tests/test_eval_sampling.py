@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rlbench.diffusion.policy import load_policy
-from rlbench.eval.sampling import BaseWeights, sample_paired
+from rlbench.diffusion.policy import BaseWeights
+from rlbench.eval.sampling import sample_paired
 from rlbench.utils.images import to_uint8
 from rlbench.testing import save_tiny_sd_pipeline
 

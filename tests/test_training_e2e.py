@@ -102,9 +102,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny, tmp_path):
     assert bad.returncode == 2 and "only --epochs may change" in bad.stderr
 
 
-def test_two_process_gradients_are_synchronised(tiny, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
-           str(Path(__file__).parent / "ddp_worker.py"), str(tiny), str(tmp_path), "ddpo-is"]
+@pytest.mark.parametrize("algo,port", [("ddpo-is", 29513), ("grpo", 29514)])
+def test_two_process_gradients_are_synchronised(tiny, tmp_path, algo, port):
+    # grpo: process 0's rewards are flat, so its filter keeps nothing; GRPO pads every process to the same
+    # number of micro-batches (each ends in an all-reduce), else this run hangs.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(Path(__file__).parent / "ddp_worker.py"), str(tiny), str(tmp_path), algo]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rewards0.json").read_text())

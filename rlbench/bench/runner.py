@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rlbench.bench.spec import Spec
+from rlbench.eval.tables import markdown_table
 from rlbench.errors import ConfigError, RLBenchError
 
 # README "Speed": SD-1.5 (512 px) on an H100, fp16 frozen weights: 1.87 images/s sampled at 50 DDIM steps
@@ -101,12 +102,22 @@ def run_plan(spec: Spec, seed: int) -> RunPlan:
     cfg = spec.configs.get(seed) or spec.config(seed)
     samples = cfg.samples_per_epoch * cfg.run.epochs
     steps = cfg.sample.num_steps
-    if cfg.algorithm.name.startswith("rwr"):
-        trained_per_sample = cfg.train.num_inner_epochs  # one random timestep per pass (the denoising loss)
+    name, opts = cfg.algorithm.name, cfg.algorithm.options
+    if name == "draft":
+        # Every step is sampled once; the K grad-enabled ones add their backward (TRAIN_STEP_COST - 1 forwards)
+        # and, checkpointed, a recomputed forward; DRaFT-LV redoes the last step n times with gradients.
+        k, lv = int(opts.get("k", 1)), int(opts.get("lv_copies", 0))
+        per_grad_step = TRAIN_STEP_COST - 1 + (1 if opts.get("gradient_checkpointing", True) else 0)
+        train_steps = samples * (steps + (k if not lv else 0) * per_grad_step + lv * (1 + per_grad_step))
     else:
-        window = max(1, round(steps * cfg.train.timestep_window))
-        trained_per_sample = max(1, round(window * cfg.train.timestep_fraction)) * cfg.train.num_inner_epochs
-    train_steps = samples * (steps + TRAIN_STEP_COST * trained_per_sample)
+        if name.startswith("rwr"):
+            trained_per_sample = cfg.train.num_inner_epochs  # one random timestep per pass (the denoising loss)
+        else:
+            window = max(1, round(steps * cfg.train.timestep_window))
+            trained_per_sample = max(1, round(window * cfg.train.timestep_fraction)) * cfg.train.num_inner_epochs
+        # GRPO's KL anchor runs the base model's forward beside each trained step.
+        step_cost = TRAIN_STEP_COST + (1 if name == "grpo" and float(opts.get("beta", 0)) > 0 else 0)
+        train_steps = samples * (steps + step_cost * trained_per_sample)
     ev = spec.eval
     n_ckpt = _checkpoint_count(spec)
     per_ckpt = sum(_prompt_count(p, ev["prompts_per_set"]) for p in ev["prompts"]) * ev["images_per_prompt"]
@@ -473,8 +484,13 @@ def write_readme(root: Path, specs: Sequence[Spec], wall: float | None) -> Path:
             total += tr + evs
             rows.append(f"| {spec.id} | {seed} | {st.get('status')} | {tr:.0f} | {evs:.0f} |")
     summary = collect_summary(root, specs)
+    tables = {}
     if summary is not None:
+        from rlbench.bench import analysis
+
         atomic_write_text(root / "summary.csv", summary.to_csv(index=False))
+        tables = analysis.write(root, summary, specs)
+    derived = "".join(f"\n## {t.title}\n\n{t.caption}\n\n{markdown_table(t.display)}" for t in tables.values())
     suite = ", ".join(sorted({s.suite for s in specs}))
     text = f"""# Benchmark results: {suite}
 
@@ -493,7 +509,10 @@ Written by `rlbench bench run` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime
 Change from the base model at each run's last checkpoint, on the training prompt set, per reward
 (mean ± sd over seeds; the full data is `summary.csv`).
 
-{main_table(summary)}
+{main_table(summary)}{derived}
+Plots: `plots/curves.png` (change from base against reward queries), `plots/proxy_vs_gold.png`;
+all of it in `report.html`. Regenerate with `rlbench bench report {root}`.
+
 ## Runs
 
 | spec | seed | status | training s | evaluation s |

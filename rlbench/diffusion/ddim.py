@@ -220,11 +220,17 @@ def ddim_step_with_logprob(
     else:
         prev_sample = prev_sample.to(sample.dtype)
 
-    # Gradient flows only through the mean: the action is data.
-    x = prev_sample.detach().float()
-    log_prob = -((x - mean) ** 2) / (2 * std_dev_t**2) - torch.log(std_dev_t) - _LOG_SQRT_2PI
-    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-    return prev_sample, log_prob
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std_dev_t)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``-(x - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)`` averaged over all non-batch dims (B,), float32.
+
+    ``x`` is the action and is detached: the gradient flows only through ``mean`` (ddpo-pytorch).
+    """
+    x = x.detach().float()
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 def ddim_transition(

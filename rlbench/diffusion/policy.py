@@ -13,13 +13,15 @@ on a GPU; trainable parameters are always float32.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlbench.diffusion.ddim import ddim_step_with_logprob
+from rlbench.diffusion.ddim import ddim_step_with_logprob, ddim_transition, gaussian_log_prob
 from rlbench.errors import ConfigError, UnknownNameError, WeightsNotAvailable
 from rlbench.registry import MODELS
 from rlbench.utils.hf import quiet_hf
@@ -42,6 +44,47 @@ class Rollout:
     log_probs: torch.Tensor
     timesteps: torch.Tensor
     prompt_embeds: torch.Tensor
+
+
+class BaseWeights:
+    """The base model's values of a policy's trainable tensors, swapped in and out without copies.
+
+    Made right after ``setup_training`` (before any checkpoint is loaded): for full fine-tuning these
+    are the pretrained UNet weights; for LoRA the fresh adapters, whose B matrices are zero, so the
+    adapted UNet computes exactly the base model. :meth:`active` swaps the tensors' storage
+    (``param.data``) in O(1) per tensor, so evaluating the base model at every step costs only its
+    forward pass.
+    """
+
+    def __init__(self, policy: Any, state: dict[str, torch.Tensor] | None = None) -> None:
+        params = dict(policy.unet.named_parameters())
+        names = [n for n, p in params.items() if p.requires_grad] if state is None else list(state)
+        if state is None:
+            state = {n: params[n].detach().clone() for n in names}
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"base state names parameters the policy lacks: {missing[:3]}")
+        self.policy = policy
+        self.params = [params[n] for n in names]
+        self.tensors = [state[n].to(device=params[n].device, dtype=params[n].dtype) for n in names]
+
+    def restore(self) -> None:
+        """Copy the base values into the policy (make the policy the base model)."""
+        with torch.no_grad():
+            for p, t in zip(self.params, self.tensors):
+                p.copy_(t)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block the policy computes the base model (its own tensors are put back after)."""
+        for p, t in zip(self.params, self.tensors):
+            p.data, t.data = t.data, p.data
+        try:
+            yield
+        finally:
+            for p, t in zip(self.params, self.tensors):
+                p.data, t.data = t.data, p.data
+
 
 
 class DiffusionPolicy:
@@ -248,6 +291,11 @@ class DiffusionPolicy:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents -> images (B,3,H,W) float32 in [0,1]."""
+        return self.decode_differentiable(latents)
+
+    def decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with gradients (when enabled) flowing back into ``latents``, through the VAE
+        decoder for latent models (direct reward fine-tuning trains through it)."""
         if self.vae is None:
             x = torch.nn.functional.pixel_shuffle(latents, self.pixel_shuffle) if self.pixel_shuffle > 1 else latents
         else:
@@ -257,19 +305,23 @@ class DiffusionPolicy:
     @torch.no_grad()
     def sample(self, prompts: list[str], *, num_steps: int, eta: float, guidance_scale: float,
                generator: torch.Generator, negative_prompt: str = "", prompt_embeds: torch.Tensor | None = None,
-               neg_embeds: torch.Tensor | None = None) -> Rollout:
+               neg_embeds: torch.Tensor | None = None, initial_noise: torch.Tensor | None = None) -> Rollout:
         """Sample images for ``prompts`` with the stochastic DDIM policy, keeping the trajectory.
 
-        Noise comes from ``generator`` (a CPU generator makes runs reproducible across devices).
+        Noise comes from ``generator`` (a CPU generator makes runs reproducible across devices);
+        ``initial_noise`` (B, C, h, w), if given, is x_T's standard-normal draw instead (e.g. shared
+        within a GRPO group), and only the steps' noise comes from ``generator``.
         """
-        from diffusers.utils.torch_utils import randn_tensor
-
         embeds = self.encode_prompts(prompts) if prompt_embeds is None else prompt_embeds
         neg = self.encode_prompts([negative_prompt]) if neg_embeds is None else neg_embeds
         self.scheduler.set_timesteps(num_steps, device=self.device)
         timesteps = self.scheduler.timesteps
-        latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, device=self.device,
-                               dtype=torch.float32) * self.scheduler.init_noise_sigma
+        if initial_noise is None:
+            initial_noise = self.initial_noise(len(prompts), generator)
+        elif tuple(initial_noise.shape) != (len(prompts), *self.latent_shape):
+            raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected "
+                             f"{(len(prompts), *self.latent_shape)}")
+        latents = initial_noise.to(device=self.device, dtype=torch.float32) * self.scheduler.init_noise_sigma
         all_latents, all_log_probs = [latents], []
         for t in timesteps:
             eps = self.guided_eps(latents, t, embeds, neg, guidance_scale)
@@ -284,12 +336,36 @@ class DiffusionPolicy:
             prompt_embeds=embeds,
         )
 
+    def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` standard-normal x_T draws (before ``init_noise_sigma``), as :meth:`sample` draws them."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor((n, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
+
+    def transition(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, neg_embeds: torch.Tensor,
+                   guidance_scale: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the policy's step ``p(x_{t-1} | x_t) = N(mean, std^2 I)`` under the current weights
+        (gradients flow into the mean when enabled)."""
+        eps = self.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
+        return ddim_transition(self.scheduler, eps, t, latents, eta)
+
     def step_log_prob(self, latents: torch.Tensor, t: torch.Tensor, next_latents: torch.Tensor,
                       embeds: torch.Tensor, neg_embeds: torch.Tensor, guidance_scale: float, eta: float) -> torch.Tensor:
         """Log-prob of the stored action ``next_latents`` at (latents, t) under the current weights."""
         eps = self.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
         _, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, latents, eta=eta, prev_sample=next_latents)
         return log_prob
+
+    def step_log_prob_and_mean(self, latents: torch.Tensor, t: torch.Tensor, next_latents: torch.Tensor,
+                               embeds: torch.Tensor, neg_embeds: torch.Tensor, guidance_scale: float, eta: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-prob of ``next_latents``, the step's mean, its std): :meth:`step_log_prob` plus what a KL
+        penalty needs; the same numbers (one formula, :func:`~rlbench.diffusion.ddim.gaussian_log_prob`)."""
+        mean, std = self.transition(latents, t, embeds, neg_embeds, guidance_scale, eta)
+        if bool((std <= 0).any()):
+            raise ValueError("a trained step has sigma_t = 0 (eta = 0 or the last step of a set_alpha_to_one "
+                             "scheduler): it has no density")
+        return gaussian_log_prob(next_latents.to(latents.dtype), mean, std), mean, std
 
     # -- saving ---------------------------------------------------------------------------------------
     def save_trained(self, folder: Path) -> None:

@@ -154,7 +154,7 @@ def _load_policy(run: RunPlan, device: str):
     import torch
 
     from rlbench.diffusion.policy import load_policy
-    from rlbench.eval.sampling import BaseWeights
+    from rlbench.diffusion.policy import BaseWeights
 
     policy = load_policy(run.model, run.revision)
     with torch.random.fork_rng(devices=[]):  # LoRA's random init must not move the caller's RNG
@@ -482,12 +482,13 @@ def evaluate_policy(
         prompt_sets: names (or :class:`~rlbench.prompts.PromptSet` objects) of prompt sets.
         rewards: ``{label: reward}`` (e.g. the trainer's own CheckedReward objects) or reward names.
         base: the base model's trainable tensors (a ``{name: tensor}`` dict, e.g. cloned from
-            ``policy.named_trainable_state()`` before training, or a :class:`~rlbench.eval.sampling.BaseWeights`);
+            ``policy.named_trainable_state()`` before training, or a :class:`~rlbench.diffusion.policy.BaseWeights`);
             with ``kl_eta`` (the run's training eta) the KL from the base model is measured too.
         prompts_per_set: a fixed subset (seeded by ``seed`` and the set's name) of larger sets.
     """
     from rlbench.eval.plan import subset
-    from rlbench.eval.sampling import BaseWeights, sample_seed
+    from rlbench.diffusion.policy import BaseWeights
+    from rlbench.eval.sampling import sample_seed
     from rlbench.prompts import PromptSet, load_prompts
 
     if isinstance(rewards, Mapping):

@@ -50,7 +50,7 @@ def _esc(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _table_html(table: Table, heading: str = "h2", anchor: str | None = None) -> str:
+def table_html(table: Table, heading: str = "h2", anchor: str | None = None) -> str:
     head = f'<{heading} id="{anchor or table.name}">{_esc(table.title)}</{heading}>'
     if not len(table.display):
         return head + f'<p class="caption">{_esc(table.caption)}</p>'
@@ -58,14 +58,14 @@ def _table_html(table: Table, heading: str = "h2", anchor: str | None = None) ->
     return head + f'<p class="caption">{_esc(table.caption)}</p>' + body
 
 
-def _img(data: bytes, alt: str, cls: str = "plot", width: int | None = None, title: str = "") -> str:
+def img_html(data: bytes, alt: str, cls: str = "plot", width: int | None = None, title: str = "") -> str:
     w = f' width="{width}"' if width else ""
     t = f' title="{_esc(title)}"' if title else ""
     return f'<img class="{cls}" alt="{_esc(alt)}"{w}{t} src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
 def _plot(plots: dict[str, bytes], name: str, alt: str) -> str:
-    return _img(plots[name], alt) if name in plots else ""
+    return img_html(plots[name], alt) if name in plots else ""
 
 
 def _runs_html(meta: dict[str, Any]) -> str:
@@ -125,7 +125,7 @@ def _grids_html(folder: Path, scores: pd.DataFrame, meta: dict[str, Any]) -> str
                         path = folder / img["image"].iloc[0]
                         title = ", ".join(f"{r} {v:.3g}" for r, v in zip(img["reward"], img["score"]) if r in rewards)
                         data = path.read_bytes() if path.is_file() else b""
-                        row.append(f"<td>{_img(data, f'{prompt} #{i} epoch {c}', cls='', width=_width(data), title=title)}"
+                        row.append(f"<td>{img_html(data, f'{prompt} #{i} epoch {c}', cls='', width=_width(data), title=title)}"
                                    "</td>" if data else "<td>missing</td>")
                     cells.append("<tr>" + "".join(row) + "</tr>")
                 blocks.append('<table class="grid">' + "".join(cells) + "</table>")
@@ -158,25 +158,25 @@ def report_html(folder: Path, tables: dict[str, Table], plots: dict[str, bytes],
             ("generalisation", "generalisation"), ("cross_reward", "cross-reward"), ("kl", "KL"),
             ("diversity", "diversity"), ("curves", "curves"), ("images", "images")]) + "</nav>",
         '<h2 id="runs">Runs and settings</h2>', _runs_html(meta),
-        _table_html(tables["overoptimisation"]),
-        _table_html(tables["proxy_vs_gold"]), _plot(plots, "proxy_vs_gold.png", "proxy against gold"),
-        _table_html(tables["generalisation"]), _plot(plots, "generalisation.png", "generalisation"),
-        _table_html(tables["cross_reward"]),
-        _table_html(tables["kl"]), _plot(plots, "reward_vs_sqrt_kl.png", "reward against sqrt KL"),
-        _table_html(tables["diversity"]), _plot(plots, "diversity.png", "diversity"),
+        table_html(tables["overoptimisation"]),
+        table_html(tables["proxy_vs_gold"]), _plot(plots, "proxy_vs_gold.png", "proxy against gold"),
+        table_html(tables["generalisation"]), _plot(plots, "generalisation.png", "generalisation"),
+        table_html(tables["cross_reward"]),
+        table_html(tables["kl"]), _plot(plots, "reward_vs_sqrt_kl.png", "reward against sqrt KL"),
+        table_html(tables["diversity"]), _plot(plots, "diversity.png", "diversity"),
     ]
     if "seeds" in tables:
-        parts.append(_table_html(tables["seeds"]))
+        parts.append(table_html(tables["seeds"]))
     parts.append('<h2 id="curves">Reward curves</h2><p class="caption">Mean per checkpoint on each prompt set, '
                  "against epochs (top) and reward queries (bottom).</p>")
-    parts += [_img(data, name) for name, data in plots.items() if name.startswith("reward_curve_")]
+    parts += [img_html(data, name) for name, data in plots.items() if name.startswith("reward_curve_")]
     parts.append('<h2 id="images">Images</h2><p class="caption">The same prompts and the same noise (one column per '
                  "image index) at every checkpoint: what the training did to the pictures. Hover an image for its "
                  "scores.</p>")
     parts.append(_grids_html(folder, scores, meta))
     summary = tables["summary"]
     parts.append(f"<h2>All numbers</h2><details><summary>{_esc(summary.title)} ({len(summary.display)} rows)"
-                 f"</summary>{_table_html(summary, 'h3', 'summary')}</details>")
+                 f"</summary>{table_html(summary, 'h3', 'summary')}</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -6,7 +6,7 @@ same prompt therefore gets the same noise at every checkpoint of every run and i
 difference between two checkpoints is the weights', not luck, and statistics can be paired.
 
 While a fine-tuned policy samples, the base model's guided epsilon is evaluated on the same states
-``x_t`` (the trainable weights are swapped for the base ones, :class:`BaseWeights`) and the exact KL
+``x_t`` (the trainable weights are swapped for the base ones, :class:`~rlbench.diffusion.policy.BaseWeights`) and the exact KL
 between the two Gaussian DDIM transitions is summed over steps (:mod:`rlbench.eval.kl`).
 
 Everything here runs on the calling thread (torch is never used from worker threads).
@@ -15,8 +15,7 @@ Everything here runs on the calling thread (torch is never used from worker thre
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from rlbench.diffusion.ddim import ddim_step_with_logprob, ddim_transition
+from rlbench.diffusion.policy import BaseWeights
 from rlbench.eval.kl import transition_kl
 from rlbench.utils.images import to_uint8
 
@@ -35,46 +35,6 @@ def sample_seed(eval_seed: int, prompt: str, index: int) -> int:
     """
     digest = hashlib.sha256(f"rlbench-eval\x00{int(eval_seed)}\x00{prompt}\x00{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class BaseWeights:
-    """The base model's values of a policy's trainable tensors, swapped in and out without copies.
-
-    Made right after ``setup_training`` (before any checkpoint is loaded): for full fine-tuning these
-    are the pretrained UNet weights; for LoRA the fresh adapters, whose B matrices are zero, so the
-    adapted UNet computes exactly the base model. :meth:`active` swaps the tensors' storage
-    (``param.data``) in O(1) per tensor, so evaluating the base model at every step costs only its
-    forward pass.
-    """
-
-    def __init__(self, policy: Any, state: dict[str, torch.Tensor] | None = None) -> None:
-        params = dict(policy.unet.named_parameters())
-        names = [n for n, p in params.items() if p.requires_grad] if state is None else list(state)
-        if state is None:
-            state = {n: params[n].detach().clone() for n in names}
-        missing = [n for n in names if n not in params]
-        if missing:
-            raise ValueError(f"base state names parameters the policy lacks: {missing[:3]}")
-        self.policy = policy
-        self.params = [params[n] for n in names]
-        self.tensors = [state[n].to(device=params[n].device, dtype=params[n].dtype) for n in names]
-
-    def restore(self) -> None:
-        """Copy the base values into the policy (make the policy the base model)."""
-        with torch.no_grad():
-            for p, t in zip(self.params, self.tensors):
-                p.copy_(t)
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        """Within the block the policy computes the base model (its own tensors are put back after)."""
-        for p, t in zip(self.params, self.tensors):
-            p.data, t.data = t.data, p.data
-        try:
-            yield
-        finally:
-            for p, t in zip(self.params, self.tensors):
-                p.data, t.data = t.data, p.data
 
 
 @dataclass

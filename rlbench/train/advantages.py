@@ -134,3 +134,48 @@ class PerPromptStatTracker:
                 raise ValueError(f"tracker state for prompt {prompt!r} contains NaN or inf")
             buffers[str(prompt)] = deque(floats, maxlen=self.buffer_size)
         self._buffers = buffers
+
+
+# -- group-relative advantages (GRPO) and multi-reward aggregation -------------------------------------
+
+# flow_grpo/stat_tracking.py: `std = np.std(...) + 1e-4` (group and global branch alike).
+GROUP_STD_EPS = 1e-4
+
+
+def group_normalize(prompts: Sequence[str], rewards: RewardsLike, global_std: bool = True
+                    ) -> tuple[torch.Tensor, np.ndarray]:
+    """GRPO advantages over the groups of one epoch: ``(r - mean_group) / (std + 1e-4)``.
+
+    A group is every reward of one prompt in this call (no buffer across epochs: Flow-GRPO clears its
+    tracker every epoch). ``std`` is the group's own population std, or with ``global_std`` (Flow-GRPO's
+    default) the std of all rewards in the call. Returns (advantages float32, a boolean mask of the
+    samples whose group has zero spread: all its rewards equal, so it carries no signal).
+    """
+    r = as_float64(rewards)
+    prompt_arr = np.asarray(list(prompts), dtype=object)
+    if prompt_arr.shape != r.shape:
+        raise ValueError(f"got {len(prompt_arr)} prompts for {r.size} rewards")
+    advantages = np.zeros_like(r)
+    flat = np.zeros(r.shape, dtype=bool)
+    if r.size == 0:
+        return to_output(advantages, rewards), flat
+    all_std = r.std()
+    for prompt in dict.fromkeys(prompt_arr.tolist()):
+        mask = prompt_arr == prompt
+        group = r[mask]
+        std = all_std if global_std else group.std()
+        advantages[mask] = (group - group.mean()) / (std + GROUP_STD_EPS)
+        if group.max() == group.min():
+            flat[mask] = True
+            advantages[mask] = 0.0  # exactly: the mean of equal floats can differ from them by an ulp
+    return to_output(advantages, rewards), flat
+
+
+def gdpo_aggregate(parts: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """GDPO (Liu et al. 2026, arXiv 2601.05242): ``sum_i w_i A_i`` over each reward's own normalised
+    advantages ``A_i``, then one batch-wise normalisation ``(x - mean) / (std + 1e-8)`` so the scale does
+    not grow with the number of rewards. ``parts``: (weight, advantages) per reward."""
+    if not parts:
+        raise ValueError("gdpo needs at least one reward's advantages")
+    total = sum(float(w) * as_float64(a) for w, a in parts)
+    return batch_normalize(total)

@@ -227,9 +227,12 @@ class Trainer:
         policy.prepare(self.accelerator)
         self.evaluation = evaluation if evaluation is not None or not self.cfg.eval.every else \
             _eval_setup(self.cfg, reward, self.watch)
-        # The base model for eval.kl: the trainable weights as they start (before any checkpoint loads).
-        self._base_state = ({n: t.clone() for n, t in policy.named_trainable_state().items()}
-                            if self.cfg.eval.every and self.cfg.eval.kl else None)
+        # The base model, for eval.kl and for algorithms anchored to it (GRPO's KL): the trainable weights
+        # as they start, taken before any checkpoint loads (full fine-tuning: a copy of the UNet's weights).
+        from rlbench.diffusion.policy import BaseWeights
+
+        wants_base = (self.cfg.eval.every and self.cfg.eval.kl) or algorithm.uses_reference()
+        self.base = BaseWeights(policy) if wants_base else None
         self.params = policy.trainable_parameters()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
@@ -345,6 +348,8 @@ class Trainer:
 
     def epoch(self, run: RunDir, epoch: int) -> dict[str, Any]:
         """sample -> score -> advantages -> update -> log."""
+        if self.algorithm.direct:
+            return self._direct_epoch(run, epoch)
         t0 = time.perf_counter()
         sampled = self._sample()
         t_sampled = time.perf_counter()
@@ -366,17 +371,56 @@ class Trainer:
             self._log_line(record)
         return record
 
+    def _direct_epoch(self, run: RunDir, epoch: int) -> dict[str, Any]:
+        """Direct reward fine-tuning (DRaFT, AlignProp): the algorithm samples with gradients through the last
+        steps, scores and steps the optimizer itself; the samples it drew are logged like any epoch's."""
+        from rlbench.diffusion.policy import Rollout
+
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        batches = epoch_prompts(self.prompt_set, self.prompt_rng, cfg.sample.batch_size,
+                                cfg.sample.num_batches_per_epoch, cfg.sample.images_per_prompt)
+        self.policy.unet.train()
+        ctx = self._context()
+        drawn, metrics = self.algorithm.train_direct(self.policy, batches, ctx)
+        sampled = [Sampled(Rollout(images=d["images"], latents=None, log_probs=None, timesteps=None,
+                                   prompt_embeds=None), prompts, metadata, scores=d["scores"])
+                   for d, (prompts, metadata) in zip(drawn, batches)]
+        all_rewards = self.accelerator.gather(torch.cat([s.scores for s in sampled]).to(self.device)).cpu()
+        seconds = time.perf_counter() - t0
+        record = self._record(epoch, sampled, all_rewards, metrics, ctx.steps, seconds={
+            "seconds": seconds, "seconds_sampling": None, "seconds_scoring": None, "seconds_scoring_wait": None,
+            "seconds_training": seconds})
+        if self.main:
+            run.append_metrics(record)
+            self._log_samples(run, epoch, sampled)
+            self._log_trackers(record, epoch)
+            self._log_line(record)
+        return record
+
+    def _context(self) -> UpdateContext:
+        return UpdateContext(self.cfg, self.optimizer, self.accelerator, self.train_gen, self.params, self.policy,
+                             reference=self.base if self.algorithm.uses_reference() else None, reward=self.reward)
+
     def _sample(self) -> list[Sampled]:
         """The epoch's sampling batches; each is scored as soon as it is sampled (in the background
         with ``sample.async_reward``, while the next batch samples)."""
         cfg, policy = self.cfg, self.policy
         policy.unet.eval()
         out = []
-        for prompts, metadata in epoch_prompts(self.prompt_set, self.prompt_rng, cfg.sample.batch_size,
-                                               cfg.sample.num_batches_per_epoch, cfg.sample.images_per_prompt):
+        batches = epoch_prompts(self.prompt_set, self.prompt_rng, cfg.sample.batch_size,
+                                cfg.sample.num_batches_per_epoch, cfg.sample.images_per_prompt)
+        shared = None
+        if self.algorithm.shares_initial_noise():
+            # One x_T per prompt group (k consecutive images of the epoch), drawn up front: this changes the
+            # sampling stream against a run without the option (DanceGRPO init_same_noise).
+            k = cfg.sample.images_per_prompt
+            shared = policy.initial_noise(cfg.samples_per_epoch // k, self.sample_gen).repeat_interleave(k, dim=0)
+        for b, (prompts, metadata) in enumerate(batches):
+            noise = None if shared is None else shared[b * cfg.sample.batch_size:(b + 1) * cfg.sample.batch_size]
             ro = policy.sample(prompts, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta,
                                guidance_scale=cfg.sample.guidance_scale, generator=self.sample_gen,
-                               neg_embeds=self.neg_embeds)
+                               neg_embeds=self.neg_embeds, initial_noise=noise)
             s = Sampled(ro, prompts, metadata)
             if cfg.sample.async_reward:
                 if self._pool is None:
@@ -402,8 +446,18 @@ class Trainer:
         n = rewards.numel()
         if all_rewards.numel() != n * self.world or len(all_prompts) != n * self.world:
             raise RuntimeError(f"gathered {all_rewards.numel()} rewards from {self.world} processes of {n} each")
-        advantages = self.algorithm.advantages(all_rewards, all_prompts)[self.rank * n:(self.rank + 1) * n]
-        return rewards, all_rewards, advantages
+        if self.cfg.advantage.aggregate == "gdpo":
+            # GDPO: each component normalised on its own, weighted, summed, batch-normalised.
+            from rlbench.train.advantages import gdpo_aggregate
+
+            parts = []
+            for name, weight, _ in self.reward.components:
+                part = self.accelerator.gather(torch.cat([s.components[name] for s in sampled]).to(self.device)).cpu()
+                parts.append((weight, self.algorithm.part_advantages(name, part, all_prompts)))
+            all_advantages = self.algorithm.finish_gdpo(gdpo_aggregate(parts), all_prompts)
+        else:
+            all_advantages = self.algorithm.advantages(all_rewards, all_prompts)
+        return rewards, all_rewards, all_advantages[self.rank * n:(self.rank + 1) * n]
 
     def _train_batch(self, sampled: list[Sampled], rewards: torch.Tensor, advantages: torch.Tensor) -> TrainBatch:
         rollouts = [s.rollout for s in sampled]
@@ -420,7 +474,7 @@ class Trainer:
 
     def _update(self, batch: TrainBatch) -> tuple[dict[str, Any], int]:
         self.policy.unet.train()
-        ctx = UpdateContext(self.cfg, self.optimizer, self.accelerator, self.train_gen, self.params, self.policy)
+        ctx = self._context()
         metrics = self.algorithm.update(self.policy, batch, ctx)
         return metrics, ctx.steps
 
@@ -467,7 +521,7 @@ class Trainer:
             steps=cfg.sample.num_steps, eta=cfg.sample.eta, guidance=cfg.sample.guidance_scale,
             images_per_prompt=ev.images_per_prompt, prompts_per_set=ev.prompts_per_set,
             batch_size=cfg.sample.batch_size, negative_prompt=cfg.sample.negative_prompt,
-            base=self._base_state, kl_eta=cfg.sample.eta if self._base_state is not None else None,
+            base=self.base if ev.kl else None, kl_eta=cfg.sample.eta if self.base is not None and ev.kl else None,
         )
         return result.metrics()
 
@@ -475,7 +529,9 @@ class Trainer:
         kl = record["approx_kl"]
         self.info(
             f"epoch {record['epoch'] + 1}/{self.cfg.run.epochs}  reward {record['reward_mean']:.4g} ± "
-            f"{record['reward_std']:.3g}  loss {record['loss']:.4g}" + (f"  kl {kl:.3g}" if kl is not None else "")
+            f"{record['reward_std']:.3g}  loss "
+            + (f"{record['loss']:.4g}" if record["loss"] is not None else "- (nothing trained)")
+            + (f"  kl {kl:.3g}" if kl is not None else "")
             + "".join(f"  {k.split('/', 1)[1]} {v:.4g}" for k, v in record.items() if k.startswith("watch_mean/"))
             + f"  {record['seconds']:.1f}s"
         )
