@@ -299,11 +299,13 @@ def test_tiny_spec_runs_end_to_end_and_a_rerun_skips_it(tiny_spec, tmp_path, cou
     assert "Git commit:" in readme and "torch " in readme and "Wall time:" in readme and "| tiny-v1 | 1 |" in readme
     assert (out / "summary.csv").is_file() and (out / "runs" / "tiny-v1" / "tiny-v1.toml").is_file()
     # The cross-run tables, plots and report of the suite.
-    for name in ("efficiency", "overoptimisation", "transfer"):
+    for name in ("efficiency", "overoptimisation", "transfer", "comparison"):
         assert (out / "tables" / f"{name}.md").is_file() and (out / "tables" / f"{name}.csv").is_file()
         assert (out / "tables" / f"{name}.md").read_text().split("\n\n", 1)[1] in readme
     assert (out / "plots" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "Sample efficiency per trained reward" in (out / "report.html").read_text()
+    comparison = (out / "tables" / "comparison.csv").read_text()
+    assert "tiny-v1,ddpo-is,incompressibility,4," in comparison  # 2 epochs x 2 samples of reward queries
     # The combined README regenerates from the folder alone.
     (out / "README.md").unlink()
     res = runner.invoke(app, ["bench", "report", str(out)])

@@ -21,3 +21,13 @@ def test_readme_names_every_builtin_plugin():
 
 def test_readme_quick_start_commands():
     assert "make demo" in README and "make test" in README
+
+
+def test_readme_shapes_suite_tables_match_the_committed_results():
+    # The README's benchmark tables are copied from results/shapes/tables/ (written by `rlbench bench report
+    # results/shapes` from the committed runs): a re-run that changes a number must change the README too.
+    tables = Path(__file__).resolve().parents[1] / "results" / "shapes" / "tables"
+    for name in ("comparison", "efficiency", "overoptimisation", "transfer"):
+        md = (tables / f"{name}.md").read_text(encoding="utf-8")
+        body = md.split("\n\n", 1)[1].strip()
+        assert body in README, f"the README's {name} table differs from results/shapes/tables/{name}.md"

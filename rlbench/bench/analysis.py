@@ -8,6 +8,8 @@ data first (CSV) with a formatted view (Markdown, LaTeX); seeds are aggregated a
   against each gold reward's change, the checkpoint where the gold peaked (base = 0) and how much of that
   peak is lost by the last checkpoint.
 * ``transfer``: per spec, the trained reward's gain on the training prompts and on each held-out set.
+* ``comparison``: every spec side by side at its last checkpoint: reward queries, training minutes, trained
+  gain, gold changes, KL from the base model, diversity change (issue 14's families at equal wall time).
 * ``efficiency``: per trained reward, the algorithms ranked by the area under their gain-vs-reward-queries
   curve (the mean gain over the budget, trapezoids from the base model at 0 queries), with the gain at
   half and at the full budget (linear between checkpoints).
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rlbench.errors import RunDirError
 from rlbench.eval.tables import Table, num, write_table
 
 
@@ -162,7 +165,7 @@ def efficiency(summary: pd.DataFrame, specs: Sequence[Any]) -> Table:
     data["rank"] = data.groupby("trained")["auc"].rank(ascending=False, method="min").astype(int)
     data = data.sort_values(["trained", "rank"])
     display = pd.DataFrame([{
-        "trained on": r.trained, "rank": r.rank, "algorithm": r.algorithm, "seeds": r.seeds,
+        "trained on": r.trained, "rank": r.rank, "spec": r.spec, "algorithm": r.algorithm, "seeds": r.seeds,
         "reward queries": num(int(r.budget)) if math.isfinite(r.budget) else "–",
         "mean gain over the budget": _msd(r.auc_list), "gain at half": _msd(r.half), "gain at the end": _msd(r.full),
     } for r in data.itertuples()])
@@ -177,9 +180,93 @@ def efficiency(summary: pd.DataFrame, specs: Sequence[Any]) -> Table:
         out, display)
 
 
-def all_tables(summary: pd.DataFrame, specs: Sequence[Any]) -> dict[str, Table]:
+def _read_table(path: Path) -> pd.DataFrame | None:
+    """A run's derived CSV table, or None when it is missing or empty (e.g. no KL: an eta = 0 run)."""
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.EmptyDataError):
+        return None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path} is damaged ({exc}); regenerate it with `rlbench eval --from {path.parents[1]}`.") from exc
+    return df if len(df) else None
+
+
+def run_extras(root: Path, specs: Sequence[Any]) -> pd.DataFrame:
+    """Per finished run: training seconds (state.json), the KL from the base model and the diversity change on
+    the training prompts at the last checkpoint (the run's eval/tables/kl.csv and diversity.csv)."""
+    import json
+
+    rows = []
+    for spec in specs:
+        for seed in spec.seeds:
+            folder = root / "runs" / spec.id / f"seed-{seed}"
+            try:
+                state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if state.get("status") != "done":
+                continue
+            row: dict[str, Any] = {"spec": spec.id, "seed": seed, "train_seconds": state.get("train_seconds")}
+            kl_file, div_file = folder / "eval" / "tables" / "kl.csv", folder / "eval" / "tables" / "diversity.csv"
+            kl, div = _read_table(kl_file), _read_table(div_file)
+            if kl is not None and "kl" in kl:
+                row["kl"] = float(kl.sort_values("checkpoint")["kl"].iloc[-1])
+            if div is not None and "delta" in div:
+                div = div[div["checkpoint"] == div["checkpoint"].max()]
+                train_set = spec.train.get("prompts", {}).get("name")
+                div = div[div["prompt_set"] == train_set] if train_set in set(div["prompt_set"]) else div
+                if len(div):
+                    row["vendi_delta"] = float(div["delta"].mean())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison(summary: pd.DataFrame, specs: Sequence[Any], extras: pd.DataFrame | None) -> Table:
+    """Every spec side by side: budget, time, trained gain, gold changes, KL from the base model, diversity."""
+    oo = overoptimisation(summary, specs).data.set_index("spec")
+    df = _frame(summary, specs)
+    golds = _golds(df)
+    queries = df.groupby("spec")["reward_queries"].max()
+    data_rows, display_rows = [], []
+    for spec in sorted(oo.index):
+        r = oo.loc[spec]
+        ex = extras[extras["spec"] == spec] if extras is not None and len(extras) else pd.DataFrame()
+        minutes = (ex["train_seconds"].dropna() / 60).tolist() if "train_seconds" in ex else []
+        kl = ex["kl"].dropna().tolist() if "kl" in ex else []
+        vendi = ex["vendi_delta"].dropna().tolist() if "vendi_delta" in ex else []
+        data = {"spec": spec, "algorithm": r["algorithm"], "trained": r["trained"], "reward_queries": int(queries[spec]),
+                "train_minutes": float(np.mean(minutes)) if minutes else math.nan, "proxy_gain": r["proxy_gain"],
+                **{f"{g}:change": r.get(f"{g}:change", math.nan) for g in golds},
+                "kl": float(np.mean(kl)) if kl else math.nan, "vendi_delta": float(np.mean(vendi)) if vendi else math.nan}
+        data_rows.append(data)
+        gold_cells = {}
+        for g in golds:
+            v = r.get(f"{g}:change", math.nan)
+            sd = r.get(f"{g}:change:sd", math.nan)
+            gold_cells[f"{g} change"] = "–" if not isinstance(v, float) or not math.isfinite(v) else (
+                f"{v:+.3g}" + (f" ± {sd:.2g}" if isinstance(sd, float) and math.isfinite(sd) else ""))
+        sd = r.get("proxy_gain:sd", math.nan)
+        display_rows.append({
+            "spec": spec, "algorithm": r["algorithm"], "trained on": r["trained"],
+            "reward queries": f"{int(queries[spec]):,}",
+            "training min": _msd(minutes, signed=False) if minutes else "–",
+            "trained-reward gain": f"{r['proxy_gain']:+.3g}" + (f" ± {sd:.2g}" if math.isfinite(sd) else ""),
+            **gold_cells,
+            "KL from base (nats)": _msd(kl, signed=False) if kl else "–",
+            "diversity change (Vendi)": _msd(vendi) if vendi else "–",
+        })
+    return Table(
+        "comparison", "Every experiment side by side",
+        "At each run's last checkpoint, on the training prompts: reward queries and training time spent, the "
+        "trained reward's change from the base model, each gold reward's change, the exact KL of the policy from "
+        "the base model (summed over denoising steps and latent dimensions) and the change in the Vendi score of "
+        "each prompt's images (mean ± sd over seeds).",
+        pd.DataFrame(data_rows), pd.DataFrame(display_rows))
+
+
+def all_tables(summary: pd.DataFrame, specs: Sequence[Any], extras: pd.DataFrame | None = None) -> dict[str, Table]:
     return {t.name: t for t in (efficiency(summary, specs), overoptimisation(summary, specs),
-                                transfer(summary, specs))}
+                                transfer(summary, specs), comparison(summary, specs, extras))}
 
 
 # -- plots ----------------------------------------------------------------------------------------------
@@ -247,7 +334,7 @@ def write(root: Path, summary: pd.DataFrame | None, specs: Sequence[Any]) -> dic
 
     if summary is None or summary.empty:
         return {}
-    tables = all_tables(summary, specs)
+    tables = all_tables(summary, specs, run_extras(root, specs))
     for t in tables.values():
         write_table(t, root / "tables")
     figs = plots(summary, specs)
@@ -263,6 +350,6 @@ def write(root: Path, summary: pd.DataFrame | None, specs: Sequence[Any]) -> dic
              table_html(tables["efficiency"]), img_html(figs["curves.png"], "curves") if "curves.png" in figs else "",
              table_html(tables["overoptimisation"]),
              img_html(figs["proxy_vs_gold.png"], "proxy vs gold") if "proxy_vs_gold.png" in figs else "",
-             table_html(tables["transfer"]), "</body></html>"]
+             table_html(tables["transfer"]), table_html(tables["comparison"]), "</body></html>"]
     atomic_write_text(root / "report.html", "\n".join(parts))
     return tables

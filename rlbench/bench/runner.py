@@ -465,10 +465,10 @@ def report(root: str | Path) -> Path:
     files = sorted(p for p in root.glob("runs/*/*.toml") if p.stem == p.parent.name)
     if not files:
         raise ConfigError(f"{root} holds no benchmark runs (runs/<spec id>/<spec id>.toml); run `rlbench bench run` first.")
-    return write_readme(root, [load_spec(p, resolve=False) for p in files], None)
+    return write_readme(root, [load_spec(p, resolve=False) for p in files], None, by="rlbench bench report")
 
 
-def write_readme(root: Path, specs: Sequence[Spec], wall: float | None) -> Path:
+def write_readme(root: Path, specs: Sequence[Spec], wall: float | None, by: str = "rlbench bench run") -> Path:
     """``<root>/README.md`` and ``<root>/summary.csv``: machine, versions, commit, wall time, runs, main table."""
     from rlbench.train.rundir import atomic_write_text
 
@@ -494,7 +494,7 @@ def write_readme(root: Path, specs: Sequence[Spec], wall: float | None) -> Path:
     suite = ", ".join(sorted({s.suite for s in specs}))
     text = f"""# Benchmark results: {suite}
 
-Written by `rlbench bench run` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Every number comes out of
+Written by `{by}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Every number comes out of
 `rlbench eval`; each run's folder holds its training run (`train/`), its evaluation (`eval/`, with
 `report.html`, `tables/`, `plots/`) and `state.json`.
 

@@ -364,6 +364,10 @@ class Trainer:
             "seconds": t_end - t0, "seconds_sampling": t_sampled - t0,
             "seconds_scoring": sum(s.seconds_scoring for s in sampled),
             "seconds_scoring_wait": t_scored - t_sampled, "seconds_training": t_end - t_scored})
+        return self._log_epoch(run, epoch, record, sampled)
+
+    def _log_epoch(self, run: RunDir, epoch: int, record: dict[str, Any], sampled: list[Sampled]) -> dict[str, Any]:
+        """The main process writes the epoch's metrics line, samples, tracker scalars and log line."""
         if self.main:
             run.append_metrics(record)
             self._log_samples(run, epoch, sampled)
@@ -391,12 +395,7 @@ class Trainer:
         record = self._record(epoch, sampled, all_rewards, metrics, ctx.steps, seconds={
             "seconds": seconds, "seconds_sampling": None, "seconds_scoring": None, "seconds_scoring_wait": None,
             "seconds_training": seconds})
-        if self.main:
-            run.append_metrics(record)
-            self._log_samples(run, epoch, sampled)
-            self._log_trackers(record, epoch)
-            self._log_line(record)
-        return record
+        return self._log_epoch(run, epoch, record, sampled)
 
     def _context(self) -> UpdateContext:
         return UpdateContext(self.cfg, self.optimizer, self.accelerator, self.train_gen, self.params, self.policy,
