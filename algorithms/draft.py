@@ -116,12 +116,12 @@ class DRaFT(Algorithm):
             mean, std = policy.transition(x, t, embeds, neg, guidance, eta)
         return mean + std * noise
 
-    def sample_with_grad(self, policy, prompts: list[str], neg_embeds, k: int, generator: torch.Generator
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_with_grad(self, policy, prompts: list[str], neg_embeds, k: int, generator: torch.Generator,
+                         embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(final latents x_0 differentiable through the last ``k`` steps, x_0 detached)."""
         cfg = self.config
         guidance, eta, steps = cfg.sample.guidance_scale, cfg.sample.eta, cfg.sample.num_steps
-        embeds = policy.encode_prompts(prompts)
+        embeds = policy.encode_prompts(prompts) if embeds is None else embeds
         policy.scheduler.set_timesteps(steps, device=policy.device)
         timesteps = policy.scheduler.timesteps
         x = policy.initial_noise(len(prompts), generator) * policy.scheduler.init_noise_sigma
@@ -132,16 +132,15 @@ class DRaFT(Algorithm):
                 x = self._step(policy, x, t, embeds, neg_embeds, guidance, eta, noise, grad)
         return x, x.detach()
 
-    def _lv_latents(self, policy, x0: torch.Tensor, prompts: list[str], neg_embeds, generator) -> list[torch.Tensor]:
+    def _lv_latents(self, policy, x0: torch.Tensor, embeds, neg_embeds, generator) -> list[torch.Tensor]:
         """DRaFT-LV: ``lv_copies`` re-noisings of x_0 to the last timestep, each denoised once with gradients."""
         cfg = self.config
         t_last = policy.scheduler.timesteps[-1]
-        embeds = policy.encode_prompts(prompts)
         out = []
         for _ in range(self.options.lv_copies):
-            eps = policy.initial_noise(len(prompts), generator)
+            eps = policy.initial_noise(x0.shape[0], generator)
             x_t = policy.scheduler.add_noise(x0, eps, t_last.reshape(1))
-            noise = policy.initial_noise(len(prompts), generator)
+            noise = policy.initial_noise(x0.shape[0], generator)
             out.append(self._step(policy, x_t, t_last, embeds, neg_embeds, cfg.sample.guidance_scale,
                                   cfg.sample.eta, noise, grad=True))
         return out
@@ -164,14 +163,15 @@ class DRaFT(Algorithm):
             for s in range(0, len(prompts), mb):
                 p, m = prompts[s:s + mb], metadata[s:s + mb]
                 k = 1 if self.options.lv_copies else self._draw_k(ctx.generator)
+                embeds = policy.encode_prompts(p)
                 x0, x0_detached = self.sample_with_grad(policy, p, neg, 0 if self.options.lv_copies else k,
-                                                        ctx.generator)
+                                                        ctx.generator, embeds)
                 if self.options.lv_copies:
                     with torch.no_grad():
                         images = policy.decode(x0_detached)
                         scores = ctx.reward(images, p, m).scores
                     rewards = [ctx.reward(policy.decode_differentiable(x), p, m).scores
-                               for x in self._lv_latents(policy, x0_detached, p, neg, ctx.generator)]
+                               for x in self._lv_latents(policy, x0_detached, embeds, neg, ctx.generator)]
                     reward = torch.stack(rewards).mean(dim=0)
                 else:
                     images = policy.decode_differentiable(x0)

@@ -118,12 +118,6 @@ class GRPO(_DDPO):
         self.zero_std_ratio = sum(groups.values()) / max(len(groups), 1)
         return advantages
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
     def train_indices(self, batch: TrainBatch, ctx: UpdateContext) -> torch.Tensor:
         n = len(batch)
         if not self.options.filter_zero_std:

@@ -378,7 +378,9 @@ def _fake_suite():
     import pandas as pd
     from types import SimpleNamespace
 
-    specs = [SimpleNamespace(id=f"{a}-v1", train={"algorithm": {"name": a}}, reward="p", suite="s") for a in "ab"]
+    # model "fake" declares x-gold as its gold reward (see the monkeypatched model_eval_defaults below)
+    specs = [SimpleNamespace(id=f"{a}-v1", train={"algorithm": {"name": a}, "model": {"name": "fake"}}, reward="p",
+                             suite="s") for a in "ab"]
     rows = []
     # proxy change by (algo, seed) at queries 0, 50, 100; gold mean at the same checkpoints.
     proxy = {("a", 0): [0, 1, 2], ("a", 1): [0, 3, 4], ("b", 0): [0, 0, 2], ("b", 1): [0, 0, 2]}
@@ -396,10 +398,13 @@ def _fake_suite():
     return pd.DataFrame(rows), specs
 
 
-def test_suite_tables_compute_efficiency_overoptimisation_and_transfer():
+def test_suite_tables_compute_efficiency_overoptimisation_and_transfer(monkeypatch):
     import numpy as np
 
     from rlbench.bench import analysis
+    from rlbench.eval import plan
+
+    monkeypatch.setattr(plan, "model_eval_defaults", lambda model: {"gold_rewards": ["x-gold"]} if model == "fake" else {})
 
     summary, specs = _fake_suite()
     eff = analysis.efficiency(summary, specs).data.set_index("algorithm")

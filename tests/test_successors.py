@@ -683,3 +683,28 @@ def test_cli_draft_rejects_a_non_differentiable_reward_before_loading(tmp_path, 
     with pytest.raises(ConfigError, match="not differentiable"):
         train(values={"algorithm": {"name": "draft"}, "reward": {"name": "shapes-gold"}, "model": {"name": "shapes"},
                       "run": {"out": str(out)}}, log=None)
+
+
+def test_draft_lv_redoes_the_last_step_once_per_copy_with_gradients(tiny):
+    cfg = load_config(values={"model": {"name": str(tiny), "device": "cpu"},
+                              "algorithm": {"name": "draft", "k": 1, "lv_copies": 2},
+                              "reward": {"name": "shapes-aesthetic"},
+                              "sample": {"num_steps": 3, "eta": 1.0, "guidance_scale": GUIDANCE, "batch_size": 2,
+                                         "num_batches_per_epoch": 1},
+                              "train": {"batch_size": 2, "gradient_accumulation_steps": 1}})
+    draft = make_algorithm(cfg)
+    policy = _lora_policy(tiny)
+    params = policy.trainable_parameters()
+    _perturb(params, scale=0.2)
+    neg, embeds = policy.encode_prompts([""]), policy.encode_prompts(["a cat", "a dog"])
+    _, x0 = draft.sample_with_grad(policy, ["a cat", "a dog"], neg, 0, torch.Generator().manual_seed(3), embeds)
+    calls: list[bool] = []
+    hook = policy.unet.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    try:
+        copies = draft._lv_latents(policy, x0, embeds, neg, torch.Generator().manual_seed(4))
+    finally:
+        hook.remove()
+    assert len(copies) == 2 and all(c.requires_grad for c in copies) and calls == [True, True]
+    assert not torch.equal(copies[0], copies[1])  # independent re-noisings
+    grads = torch.autograd.grad(-sum(_brightness(policy, c).mean() for c in copies), params)
+    assert any(float(g.abs().max()) > 0 for g in grads)

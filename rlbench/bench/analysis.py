@@ -54,16 +54,18 @@ def _frame(summary: pd.DataFrame, specs: Sequence[Any]) -> pd.DataFrame:
     return summary.merge(spec_info(specs), on="spec", how="inner")
 
 
-def _golds(summary: pd.DataFrame) -> list[str]:
-    # The shapes world's exact rewards (and any model's declared gold) end in "-gold" by convention of
-    # rlbench.shapes; other suites fall back to every scored reward that is not trained.
-    return sorted(r for r in summary["reward"].unique() if r.endswith("-gold"))
+def _golds(summary: pd.DataFrame, specs: Sequence[Any]) -> list[str]:
+    """The gold rewards the specs' models declare (``eval_defaults``) that the evaluations scored."""
+    from rlbench.eval.plan import model_eval_defaults
+
+    declared = {g for s in specs for g in model_eval_defaults(s.train["model"]["name"]).get("gold_rewards", [])}
+    return sorted(declared & set(summary["reward"].unique()))
 
 
 def overoptimisation(summary: pd.DataFrame, specs: Sequence[Any]) -> Table:
     df = _frame(summary, specs)
     train = df[df["set_role"] == "train"]
-    golds = _golds(df)
+    golds = _golds(df, specs)
     rows = []
     for (spec, algo, trained), g in train.groupby(["spec", "algorithm", "trained"], sort=True):
         seeds = sorted(g["seed"].unique())
@@ -225,7 +227,7 @@ def comparison(summary: pd.DataFrame, specs: Sequence[Any], extras: pd.DataFrame
     """Every spec side by side: budget, time, trained gain, gold changes, KL from the base model, diversity."""
     oo = overoptimisation(summary, specs).data.set_index("spec")
     df = _frame(summary, specs)
-    golds = _golds(df)
+    golds = _golds(df, specs)
     queries = df.groupby("spec")["reward_queries"].max()
     data_rows, display_rows = [], []
     for spec in sorted(oo.index):
@@ -275,14 +277,15 @@ def _err(x: Any) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
-def plots(summary: pd.DataFrame, specs: Sequence[Any]) -> dict[str, bytes]:
+def plots(summary: pd.DataFrame, specs: Sequence[Any], oo: Table | None = None) -> dict[str, bytes]:
+    """``curves.png`` and ``proxy_vs_gold.png``; ``oo``: the over-optimisation table when already made."""
     from rlbench.eval.plots import _grid, _png, _title
 
     df = _frame(summary, specs)
     train = df[df["set_role"] == "train"]
     out: dict[str, bytes] = {}
     trained_rewards = sorted(train["trained"].unique())
-    golds = _golds(df)
+    golds = _golds(df, specs)
     panels = [(t, r) for t in trained_rewards for r in [t, *[g for g in golds if g != t]]]
     if panels:
         fig, axes = _grid(len(panels), max_cols=3)
@@ -305,7 +308,7 @@ def plots(summary: pd.DataFrame, specs: Sequence[Any]) -> dict[str, bytes]:
                     "(mean over seeds, band = min..max)")
         fig.tight_layout()
         out["curves.png"] = _png(fig)
-    oo = overoptimisation(summary, specs).data
+    oo = (oo or overoptimisation(summary, specs)).data
     pairs = [(t, gd) for t in trained_rewards for gd in golds if gd != t and f"{gd}:change" in oo]
     if pairs:
         fig, axes = _grid(len(pairs), max_cols=3)
@@ -337,7 +340,7 @@ def write(root: Path, summary: pd.DataFrame | None, specs: Sequence[Any]) -> dic
     tables = all_tables(summary, specs, run_extras(root, specs))
     for t in tables.values():
         write_table(t, root / "tables")
-    figs = plots(summary, specs)
+    figs = plots(summary, specs, tables["overoptimisation"])
     (root / "plots").mkdir(parents=True, exist_ok=True)
     for name, data in figs.items():
         atomic_write_bytes(root / "plots" / name, data)
