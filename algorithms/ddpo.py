@@ -20,6 +20,19 @@ CLIP_RANGE = 1e-4
 ADV_CLIP_MAX = 5.0
 
 
+def require_stochastic(name: str, config) -> None:
+    """A policy-gradient algorithm needs a sampler with a density: DDIM eta > 0, a flow SDE with noise > 0."""
+    sampler = config.sampler()
+    if sampler.stochastic:
+        return
+    if sampler.family == "ddim":
+        raise ConfigError(
+            f"{name} needs a stochastic policy: sample.eta must be > 0 (paper: 1.0), got {config.sample.eta}.")
+    raise ConfigError(
+        f"{name} needs a stochastic policy: sample.sampler = {sampler.name!r} with noise level {sampler.noise:g} is "
+        "deterministic and has no density; use flow-sde, dance-sde or cps with sample.noise_level > 0.")
+
+
 def _check_shapes(*tensors: torch.Tensor) -> None:
     shape = tensors[0].shape
     if len(shape) != 1 or any(t.shape != shape for t in tensors):
@@ -93,13 +106,11 @@ class _DDPO(Algorithm):
         # The [advantage] section configures this tracker; it lives here because only DDPO reads it.
         self.tracker = PerPromptStatTracker(adv.buffer_size, adv.min_count) if adv.per_prompt else None
         self.part_trackers: dict[str, PerPromptStatTracker] = {}  # advantage.aggregate = "gdpo": one per reward
+        self.sampler = config.sampler()  # the policy's sampler (DDIM eta; flow SDE, noise level, window)
 
     @classmethod
     def validate(cls, config, options) -> None:
-        if config.sample.eta <= 0:
-            raise ConfigError(
-                f"{cls.name} needs a stochastic policy: sample.eta must be > 0 (paper: 1.0), got {config.sample.eta}."
-            )
+        require_stochastic(cls.name, config)
 
     def advantages(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.tracker is not None:
@@ -144,7 +155,7 @@ class _DDPO(Algorithm):
         """The loss of one UNet call's (sample, step) pairs under the current weights, and what it logs."""
         cfg = self.config
         guidance = cfg.sample.guidance_scale if cfg.train.cfg else 1.0
-        log_prob = policy.step_log_prob(x_t, ts, x_next, embeds, neg_embeds, guidance, cfg.sample.eta)
+        log_prob = policy.step_log_prob(x_t, ts, x_next, embeds, neg_embeds, guidance, self.sampler)
         return self.loss(log_prob, old_log_prob, advantages)
 
     def update(self, policy, batch: TrainBatch, ctx: UpdateContext, keep: torch.Tensor | None = None
@@ -170,7 +181,7 @@ class _DDPO(Algorithm):
                 x_t = batch.latents[rows, perm]  # (mb, n_train, C, h, w)
                 x_next = batch.latents[rows, perm + 1]
                 old_lp = batch.log_probs[rows, perm]
-                ts = batch.timesteps[perm]
+                ts = batch.step_keys(rows, perm)
                 embeds = batch.prompt_embeds[idx.to(batch.prompt_embeds.device)]
                 adv = batch.advantages[idx.to(batch.advantages.device)]
                 # An optimizer step closes every `acc` micro-batches, and the last (maybe shorter) group of
@@ -183,7 +194,7 @@ class _DDPO(Algorithm):
                 for c, (j0, k) in enumerate(chunks):
                     cut = slice(j0, j0 + k)
                     loss, info = self.step_loss(
-                        policy, x_t[:, cut].flatten(0, 1), ts[:, cut].flatten(), x_next[:, cut].flatten(0, 1),
+                        policy, x_t[:, cut].flatten(0, 1), ts[:, cut].flatten(0, 1), x_next[:, cut].flatten(0, 1),
                         embeds.repeat_interleave(k, dim=0), batch.neg_embeds, old_lp[:, cut].flatten(),
                         adv.repeat_interleave(k), ctx,
                     )

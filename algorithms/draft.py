@@ -34,6 +34,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlbench.algorithm import Algorithm, UpdateContext, option
+from rlbench.diffusion.conditioning import as_conditioning
+from rlbench.diffusion.trajectory import sample_trajectory
 from rlbench.errors import ConfigError
 
 
@@ -108,41 +110,41 @@ class DRaFT(Algorithm):
         raise RuntimeError("draft has no advantages: it trains through train_direct()")
 
     # -- sampling with gradients through the last steps -------------------------------------------------
-    def _step(self, policy, x, t, embeds, neg, guidance, eta, noise, grad: bool) -> torch.Tensor:
-        """One reparameterised DDIM step ``mu(x_t) + sigma_t z``; with ``grad``, differentiable (checkpointed)."""
+    def __init__(self, options, config) -> None:
+        super().__init__(options, config)
+        self.sampler = config.sampler()  # the policy's sampler: DDIM eta, or a flow SDE/ODE
+
+    def _step(self, policy, x, t, embeds, neg, guidance, noise, grad: bool) -> torch.Tensor:
+        """One reparameterised step ``mu(x_t) + sigma_t z``; with ``grad``, differentiable (checkpointed)."""
         if grad and self.options.gradient_checkpointing:
-            mean, std = checkpoint(policy.transition, x, t, embeds, neg, guidance, eta, use_reentrant=False)
+            mean, std = checkpoint(policy.transition, x, t, embeds, neg, guidance, self.sampler, use_reentrant=False)
         else:
-            mean, std = policy.transition(x, t, embeds, neg, guidance, eta)
+            mean, std = policy.transition(x, t, embeds, neg, guidance, self.sampler)
         return mean + std * noise
 
     def sample_with_grad(self, policy, prompts: list[str], neg_embeds, k: int, generator: torch.Generator,
-                         embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final latents x_0 differentiable through the last ``k`` steps, x_0 detached)."""
+                         embeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final latents x_0 differentiable through the last ``k`` steps, x_0 detached): the one trajectory loop
+        with gradients on its last ``k`` steps, each reparameterised (``mean + std * z``)."""
         cfg = self.config
-        guidance, eta, steps = cfg.sample.guidance_scale, cfg.sample.eta, cfg.sample.num_steps
         embeds = policy.encode_prompts(prompts) if embeds is None else embeds
-        policy.scheduler.set_timesteps(steps, device=policy.device)
-        timesteps = policy.scheduler.timesteps
-        x = policy.initial_noise(len(prompts), generator) * policy.scheduler.init_noise_sigma
-        for i, t in enumerate(timesteps):
-            grad = i >= steps - k
-            noise = policy.initial_noise(len(prompts), generator)  # z of this step (x_T's shape)
-            with torch.set_grad_enabled(grad):
-                x = self._step(policy, x, t, embeds, neg_embeds, guidance, eta, noise, grad)
-        return x, x.detach()
+        traj = sample_trajectory(policy, as_conditioning(embeds), as_conditioning(neg_embeds),
+                                 num_steps=cfg.sample.num_steps, sampler=self.sampler,
+                                 guidance_scale=cfg.sample.guidance_scale, generator=generator, record=False,
+                                 grad_steps=k, checkpointing=self.options.gradient_checkpointing)
+        return traj.final, traj.final.detach()
 
     def _lv_latents(self, policy, x0: torch.Tensor, embeds, neg_embeds, generator) -> list[torch.Tensor]:
-        """DRaFT-LV: ``lv_copies`` re-noisings of x_0 to the last timestep, each denoised once with gradients."""
+        """DRaFT-LV: ``lv_copies`` re-noisings of x_0 to the last step's noise level (the forward process), each
+        denoised once with gradients."""
         cfg = self.config
-        t_last = policy.scheduler.timesteps[-1]
+        key = policy.last_key()
         out = []
         for _ in range(self.options.lv_copies):
             eps = policy.initial_noise(x0.shape[0], generator)
-            x_t = policy.scheduler.add_noise(x0, eps, t_last.reshape(1))
+            x_t = policy.noised(x0, eps, key)
             noise = policy.initial_noise(x0.shape[0], generator)
-            out.append(self._step(policy, x_t, t_last, embeds, neg_embeds, cfg.sample.guidance_scale,
-                                  cfg.sample.eta, noise, grad=True))
+            out.append(self._step(policy, x_t, key, embeds, neg_embeds, cfg.sample.guidance_scale, noise, grad=True))
         return out
 
     def _draw_k(self, generator: torch.Generator) -> int:

@@ -32,19 +32,11 @@ import torch
 from rlbench.algorithms.ddpo import ADV_CLIP_MAX, CLIP_RANGE, _DDPO, ppo_clip_loss
 from rlbench.algorithm import TrainBatch, UpdateContext, option
 from rlbench.errors import ConfigError
+from rlbench.diffusion.gaussian import kl_penalty
 from rlbench.train.advantages import group_normalize
 
 # flow_grpo config/grpo.py: train.beta = 0.04 for geneval_sd3 and general_ocr_sd3 (0.01 for pickscore_sd3).
 BETA = 0.04
-
-
-def kl_penalty(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per sample ``((mean - mean_ref)^2).mean(over C, H, W) / (2 std^2)`` (flow_grpo train_sd3.py L884):
-    ``KL(N(mean, std^2) || N(mean_ref, std^2))`` per latent dim, averaged over dims like the log-prob.
-    ``mean_ref`` is detached (the reference is fixed)."""
-    sq = (mean - mean_ref.detach()) ** 2
-    per_sample = sq.mean(dim=tuple(range(1, sq.ndim)))
-    return per_sample / (2 * std.reshape(-1) ** 2)
 
 
 class GRPO(_DDPO):
@@ -144,7 +136,7 @@ class GRPO(_DDPO):
     def step_loss(self, policy, x_t, ts, x_next, embeds, neg_embeds, old_log_prob, advantages, ctx: UpdateContext):
         cfg, beta = self.config, self.options.beta
         guidance = cfg.sample.guidance_scale if cfg.train.cfg else 1.0
-        eta = cfg.sample.eta
+        eta = self.sampler
         mean_ref = None
         if beta > 0:
             # The base model's mean first, under no_grad, so the swap is undone before the graph is built.

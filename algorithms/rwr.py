@@ -103,13 +103,7 @@ class _RWRBase(Algorithm):
 
     @classmethod
     def validate(cls, config, options) -> None:
-        # The loss needs no log-probs, but the sampler records the stochastic DDIM policy's
-        # trajectory and log-probs, which have no density at eta = 0: fail here, before any compute.
-        if config.sample.eta <= 0:
-            raise ConfigError(
-                f"{cls.name} samples with the stochastic DDIM policy: sample.eta must be > 0 "
-                f"(paper: 1.0), got {config.sample.eta}."
-            )
+        # The loss needs only the final samples, so any sampler serves (a deterministic one too).
         if config.advantage.aggregate != "sum":
             raise ConfigError(
                 f"{cls.name} weights samples by exp(reward / temperature) of the combined reward; advantage.aggregate "
@@ -119,10 +113,8 @@ class _RWRBase(Algorithm):
 
     def update(self, policy, batch: TrainBatch, ctx: UpdateContext) -> dict[str, float | None]:
         cfg = self.config
-        sched = policy.scheduler
-        n_train_t = sched.config.num_train_timesteps
         n, mb, acc = len(batch), cfg.train.batch_size, cfg.train.gradient_accumulation_steps
-        x0_all = batch.latents[:, -1]
+        x0_all = batch.final
         total, count = 0.0, 0
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(n, generator=ctx.generator)
@@ -130,12 +122,11 @@ class _RWRBase(Algorithm):
                 idx = order[m * mb : (m + 1) * mb]
                 dev_idx = idx.to(x0_all.device)
                 x0 = x0_all[dev_idx]
-                t = torch.randint(0, n_train_t, (len(idx),), generator=ctx.generator).to(x0.device)
-                noise = torch.randn(x0.shape, generator=ctx.generator).to(x0.device)
-                x_t = sched.add_noise(x0, noise, t)
-                target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-                pred = policy.guided_eps(x_t, t, batch.prompt_embeds[dev_idx], batch.neg_embeds,
-                                         cfg.sample.guidance_scale if cfg.train.cfg else 1.0)
+                # The family's denoising regression: DDIM noise (or v) prediction at a uniform timestep;
+                # flow matching's velocity eps - x0 at a uniform training sigma.
+                x_t, t, target = policy.regression_pair(x0, ctx.generator)
+                pred = policy.model_output(x_t, t, batch.prompt_embeds[dev_idx], batch.neg_embeds,
+                                           cfg.sample.guidance_scale if cfg.train.cfg else 1.0)
                 loss = weighted_denoising_loss(pred, target, batch.advantages[dev_idx])
                 ctx.backward(loss / acc, sync=(m + 1) % acc == 0)
                 total += float(loss.detach())

@@ -10,10 +10,30 @@ Linear(16,1)`` — the ReLUs are commented out upstream, so at eval time the hea
 unit embedding — loaded from ``sac+logos+ava1-l14-linearMSE.pth`` (state-dict keys ``layers.{0,2,4,6,7}``).
 
 The CLIP is transformers' ``openai/clip-vit-large-patch14``, exactly as ddpo-pytorch's
-``aesthetic_scorer.py`` uses it (the HF port of OpenAI's ``clip.load("ViT-L/14")``), with that repo's
-processor: images quantised to uint8 (``(x*255).round()``, ddpo-pytorch ``rewards.py``), bicubic resize
-of the short side to 224, centre crop 224, CLIP normalisation (:class:`rlbench.nets.clip.PixelSpec`).
-With ``images.requires_grad`` under grad mode the float pre-processing keeps the graph instead.
+``aesthetic_scorer.py`` uses it (L35-53: the HF port of OpenAI's ``clip.load("ViT-L/14")``), with that
+repo's processor. Pre-processing, option ``preprocess``:
+
+* ``"ddpo"`` (default): ddpo-pytorch's. Images quantised to uint8 (``(x*255).round()``, ddpo-pytorch
+  ``rewards.py``), then transformers' ``CLIPImageProcessor`` (``aesthetic_scorer.py`` L48): PIL bicubic
+  resize of the short side to 224, the long side ``int(224 * long / short)`` (transformers
+  ``image_transforms.get_resize_output_image_size``), centre crop 224 at the *floored* offset
+  ``(H - 224) // 2`` (``image_transforms.center_crop``), rescale 1/255, CLIP normalisation
+  (:class:`rlbench.nets.clip.PixelSpec`).
+* ``"laion"``: the predictor's own ``simple_inference.py`` (L103-108: ``clip.load("ViT-L/14")`` and its
+  ``preprocess``, OpenAI CLIP ``clip/clip.py`` ``_transform`` L79-86): torchvision ``Resize(224,
+  BICUBIC)`` on the PIL image (the same PIL resize and ``int()`` long side, torchvision
+  ``_compute_resized_output_size``), ``CenterCrop(224)`` at the *rounded* offset ``int(round((H - 224) /
+  2))`` (torchvision ``functional.center_crop``; Python ``round``, half to even), ``ToTensor``,
+  ``Normalize`` with the same constants. The uint8 quantisation is the same (a PIL image holds uint8).
+
+The two differ only by one pixel of crop offset, and only when ``(resized long side - 224) / 2`` is
+``k + 0.5`` with ``k`` odd (e.g. 640x427: offset 55 vs 56); square images (all of DDPO's, 512x512) score
+the same. ``"ddpo"`` is the default because this reward is DDPO's aesthetic reward: every other step
+(the HF CLIP port, the quantisation) is ddpo-pytorch's, the DDPO paper's numbers come from it, and the
+default scores stay those of version 1 (which the ``ddpo-paper`` aesthetic specs pin), so the version is
+unchanged. ``"laion"`` reproduces the predictor's authors' pixels; the network is still the HF port of the
+same weights (``simple_inference.py`` runs OpenAI's, in float16 on a GPU). With ``images.requires_grad``
+under grad mode the float pre-processing (same crop rule) keeps the graph instead.
 
 Range: trained on 1-10 ratings; natural images score ~4-7. Over the unit sphere the head spans about
 [-12.8, 23.2] (5.2366 + w.e with ||w|| = 18.0, computed from the weights in the rlbench reference), the
@@ -23,6 +43,7 @@ headroom aesthetic-optimised diffusion models exploit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +60,9 @@ from rlbench.weights import WeightsSpec, resolve
 MLP_DIMS = (768, 1024, 128, 64, 16, 1)
 MLP_DROPOUT = (0.2, 0.2, 0.1)
 MLP_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
+
+# preprocess= option: whose pre-processing (see the module docstring) -> centre-crop offset rule.
+PREPROCESS = {"ddpo": "floor", "laion": "round"}
 
 # Weights file in the repo root (GitHub raw URL as ImageReward/utils.py _SCORES["Aesthetic"] fetches it);
 # sha256 from the rlbench reference (byte-identical to ddpo-pytorch ddpo_pytorch/assets/).
@@ -112,12 +136,17 @@ class Aesthetic(Reward):
         device: where the models run; they move there on the first call, never at construction.
         dtype: CLIP dtype, ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` (the head runs in float32).
         batch_size: images per CLIP forward.
+        preprocess: ``"ddpo"`` (default: ddpo-pytorch's transformers ``CLIPImageProcessor``, floored crop
+            offset) or ``"laion"`` (``simple_inference.py``'s OpenAI CLIP ``preprocess``, rounded offset);
+            they differ on some non-square images only.
     """
 
     name = "aesthetic"
-    version = "1"
+    version = "1"  # the default preprocess="ddpo" is version 1's arithmetic, unchanged (issue 18 added "laion")
     summary = ("LAION improved aesthetic predictor v2 (DDPO's aesthetic reward): linear MLP on the unit "
-               "OpenAI CLIP ViT-L/14 image embedding; prompt unused.")
+               "OpenAI CLIP ViT-L/14 image embedding; prompt unused. Pre-processing: ddpo-pytorch's CLIPProcessor "
+               "(default, preprocess=ddpo) or simple_inference.py's OpenAI CLIP preprocess (preprocess=laion); they "
+               "differ by one pixel of crop offset on some non-square images.")
     higher_is_better = True
     deterministic = True
     differentiable = True
@@ -131,7 +160,10 @@ class Aesthetic(Reward):
     )
 
     def __init__(self, weights: str | Path | None = None, clip: str | Path | None = None, device: str = "cpu",
-                 dtype: str = "float32", batch_size: int = 32) -> None:
+                 dtype: str = "float32", batch_size: int = 32, preprocess: str = "ddpo") -> None:
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {', '.join(map(repr, PREPROCESS))}, got {preprocess!r}")
+        self.preprocess = preprocess
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype)
         self.batch_size = parse_batch_size(batch_size)
@@ -144,7 +176,7 @@ class Aesthetic(Reward):
             mlp_spec, clip_spec = self.weights_spec
             mlp = load_mlp(resolve(mlp_spec, reward=self.name, override=self.overrides["weights"]))
             folder = resolve(clip_spec, reward=self.name, override=self.overrides["clip"])
-            pixels = cm.PixelSpec.from_folder(folder, "clip")
+            pixels = replace(cm.PixelSpec.from_folder(folder, "clip"), crop=PREPROCESS[self.preprocess])
             clip = cm.load_hf_clip(folder, option="clip", device=self.device, dtype=self.dtype)
             if clip.config.projection_dim != MLP_DIMS[0]:
                 raise ConfigError(

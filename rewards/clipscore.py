@@ -6,10 +6,14 @@ torchmetrics ``multimodal.CLIPScore`` (``functional/multimodal/clip_score.py``):
 
 with a transformers CLIP (default ``openai/clip-vit-large-patch14``) and that repo's ``CLIPProcessor``:
 
-* images: torchmetrics hands uint8-range tensors to the processor (rescale 1/255, bicubic short side
-  224, centre crop 224, CLIP mean/std); rlbench quantises its [0, 1] floats to uint8 and applies the
-  same arithmetic (PIL, see :mod:`rlbench.nets.clip`); the float differentiable path when
-  ``images.requires_grad``;
+* images: torchmetrics (``_get_features``) hands uint8-range tensors to the ``CLIPProcessor``, i.e.
+  transformers' ``CLIPImageProcessor`` with the repo's ``preprocessor_config.json``: the *short* side
+  resized to 224, PIL bicubic, the long side ``int(224 * long / short)``
+  (``image_transforms.get_resize_output_image_size``), a 224 centre crop at the *floored* offset
+  ``(H - 224) // 2`` (``image_transforms.center_crop``), rescale 1/255, CLIP mean/std; rlbench quantises its
+  [0, 1] floats to uint8 and applies the same arithmetic (PIL, see :mod:`rlbench.nets.clip`; checked on
+  odd-offset non-square images in ``tests/test_zoo_preprocessing.py``, issue 18's audit: no discrepancy);
+  the float differentiable path (same crop rule) when ``images.requires_grad``;
 * text: ``processor(text=..., padding=True)`` *without* truncation, then the ids are cut at the text
   model's ``max_position_embeddings`` (77) — torchmetrics' own truncation, which drops the end token
   of over-long captions; reproduced so scores equal torchmetrics' on every prompt.

@@ -8,12 +8,30 @@ Score of an image and its own prompt, as ``hpsv2.score`` computes it (tgxs002/HP
   HPS checkpoint (``xswu/HPSv2`` files ``HPS_v2.1_compressed.pt`` / ``HPS_v2_compressed.pt``,
   ``hpsv2/utils.py`` ``hps_version_map``; a ``{'state_dict': ...}`` dict) loaded strictly;
 * text: open_clip's tokenizer of the architecture (CLIP BPE, context 77, end token kept on truncation);
-* images: HPSv2's ``preprocess_val`` (its open_clip fork ``transform.py image_transform``, eval):
-  ``ToTensor`` (uint8 / 255) -> ``Resize(224, BICUBIC)`` *on the tensor* -> ``CenterCrop(224)`` ->
-  ``Normalize(OPENAI mean/std)``. rlbench applies the same torchvision functions to the whole uint8-
-  quantised batch at once. The tensor resize antialiases (torchvision >= 0.17 default); torchvision
-  < 0.17 resized tensors without antialiasing, so numbers computed then differ slightly. The float
-  differentiable path (:func:`rlbench.nets.preprocess.clip_pixels`) when ``images.requires_grad``.
+* images: HPSv2's ``preprocess_val``. ``hpsv2.score`` and ``hpsv2.evaluate`` build it with
+  ``create_model_and_transforms(..., light_augmentation=True)`` (``hpsv2/img_score.py`` L20-38,
+  ``hpsv2/evaluation.py`` L227-240), which makes its open_clip fork use
+  ``image_transform(..., resize_longest_max=True)`` (``hpsv2/src/open_clip/factory.py`` L368-376), i.e.
+  (``transform.py`` L141-157) ``ToTensor`` (uint8 / 255) -> ``ResizeMaxSize(224)`` *on the tensor* ->
+  ``Normalize(OPENAI mean/std)``. ``ResizeMaxSize`` (``transform.py`` L26-49): ``scale = 224 /
+  float(max(h, w))``; if ``scale != 1``, resize to ``(round(h * scale), round(w * scale))`` (Python
+  ``round``, half to even) with torchvision's ``F.resize(..., BICUBIC)`` and zero-pad to 224x224 with
+  ``F.pad(padding=[pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)``. No crop:
+  the whole image is seen, letterboxed. The pad value 0 is applied in [0, 1] pixel space *before*
+  ``Normalize`` (black borders: ``-mean / std`` after normalisation). rlbench applies the same
+  torchvision functions to the whole uint8-quantised batch at once (:func:`hps_pixels`). The tensor resize
+  antialiases (torchvision >= 0.17 default); torchvision < 0.17 resized tensors without antialiasing, so
+  numbers computed then differ slightly. (The fork's other branch, short side to 224 + ``CenterCrop``, is
+  its ``light_augmentation=False`` default, which HPSv2's scoring code does not use; rlbench used it up to
+  reward version 1, which therefore differs from ``hpsv2.score`` on non-square images.)
+
+  One deliberate difference: when the longer side is already 224 (``scale == 1``) ``ResizeMaxSize``
+  returns the image untouched, unpadded, so ``hpsv2.score`` feeds e.g. a 224x160 tensor to the ViT and
+  fails (its positional embedding has 16x16 + 1 positions). rlbench pads such images to 224x224 like every
+  other size (no resize needed): the limit of the official output as the long side tends to 224, and the
+  only input the model accepts. Square 224x224 images are unchanged either way.
+* differentiable path (``images.requires_grad`` under grad mode): the same resize/pad/normalise on the
+  float images without the uint8 quantisation, so gradients reach the pixels.
 
 ``version="v2.1"`` (default; as ``hpsv2.evaluate``) or ``"v2.0"`` (``hpsv2.score``'s default). Scores of
 the two versions are not comparable; within a version, only between images of the same prompt (HPSv2#9).
@@ -32,7 +50,7 @@ import torch
 from rlbench.errors import ConfigError, DependencyNotInstalled, WeightsNotAvailable
 from rlbench.nets import clip as cm
 from rlbench.nets.options import parse_batch_size, parse_device, parse_dtype
-from rlbench.nets.preprocess import CLIP_MEAN, CLIP_SIZE, CLIP_STD, clip_pixels
+from rlbench.nets.preprocess import CLIP_MEAN, CLIP_SIZE, CLIP_STD, letterbox_padding, letterbox_shape
 from rlbench.reward import Reward
 from rlbench.utils.images import quantize
 from rlbench.weights import WeightsSpec, resolve
@@ -51,15 +69,22 @@ def _open_clip():
     return open_clip
 
 
-def hps_pixels(images: torch.Tensor) -> torch.Tensor:
-    """HPSv2 ``preprocess_val`` on a batch: uint8 quantisation, then torchvision's tensor Resize(224,
-    bicubic, antialias), CenterCrop(224) (rounded offset) and Normalize(OpenAI CLIP mean/std)."""
+def hps_pixels(images: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """HPSv2 ``preprocess_val`` (``light_augmentation=True``) on a batch ``(B, 3, H, W)`` in [0, 1]: uint8
+    quantisation (``exact``; skipped on the differentiable path), then torchvision's tensor ``resize`` of
+    the longer side to 224 (bicubic, antialias), zero padding to 224x224 in pixel space (``ResizeMaxSize``)
+    and ``normalize`` with the OpenAI CLIP mean/std. A long side of exactly 224 is padded, not resized
+    (see the module docstring)."""
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    x = quantize(images) / 255  # PIL image -> ToTensor
-    x = TF.resize(x, CLIP_SIZE, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    x = TF.center_crop(x, CLIP_SIZE)
+    x = quantize(images) / 255 if exact else images.float()  # PIL image -> ToTensor
+    h, w = x.shape[-2:]
+    nh, nw = letterbox_shape(h, w, CLIP_SIZE)
+    if (nh, nw) != (h, w):
+        x = TF.resize(x, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if (nh, nw) != (CLIP_SIZE, CLIP_SIZE):
+        x = TF.pad(x, letterbox_padding(nh, nw, CLIP_SIZE), fill=0.0)  # ResizeMaxSize fill=0, before Normalize
     return TF.normalize(x, CLIP_MEAN, CLIP_STD)
 
 
@@ -100,9 +125,12 @@ class HPSv2(Reward):
     """
 
     name = "hpsv2"
-    version = "1"
+    # 2: HPSv2's letterbox (ResizeMaxSize) instead of v1's short-side resize + centre crop; scores of
+    # non-square images changed (square ones did not). Issue 18.
+    version = "2"
     summary = ("Human Preference Score v2.1 (v2.0 by option): raw cosine of image and prompt features of an "
-               "open_clip ViT-H-14 fine-tuned on human preference pairs (HPD v2).")
+               "open_clip ViT-H-14 fine-tuned on human preference pairs (HPD v2); images letterboxed (long side "
+               "224, zero padding) as hpsv2.score's preprocess_val.")
     higher_is_better = True
     deterministic = True
     differentiable = True
@@ -169,6 +197,6 @@ class HPSv2(Reward):
         img = []
         with torch.set_grad_enabled(grad):
             for s in cm.chunks(images.shape[0], self.batch_size):
-                x = clip_pixels(images[s]) if grad else hps_pixels(images[s])
+                x = hps_pixels(images[s], exact=not grad)
                 img.append(cm.unit(model.encode_image(x.to(device=self.device, dtype=self.dtype))))
         return cm.cosine(torch.cat(img), txt).to(images.device)

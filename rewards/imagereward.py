@@ -9,12 +9,20 @@ Score of an image and its own prompt, as ``ImageReward.score`` (ImageReward/Imag
 with the MLP ``768 -> 1024 -> 128 -> 64 -> 16 -> 1`` (no activations). Scores are roughly standard normal
 on generated images (README example: 0.58, 0.27, -1.41, -2.03).
 
-Pre-processing, as ImageReward's ``_transform(224)``: PIL bicubic resize of the short side to 224,
-centre crop 224 (torchvision's rounded offset), OpenAI CLIP mean/std
-(:func:`rlbench.nets.preprocess.clip_pixels_exact`); when the images require grad and grad mode is on, the
-float path :func:`rlbench.nets.preprocess.clip_pixels` instead (antialiased bicubic, no uint8 rounding) so
-gradients reach the pixels, as ReFL's ``score_gard``. Prompts: bert-base-uncased tokenizer with BLIP's
-added ``[DEC]``/``[ENC]`` tokens, ``padding='max_length', truncation=True, max_length=35``.
+Pre-processing, as ImageReward's ``_transform(224)`` (``ImageReward/ImageReward.py`` L30-37, applied to the
+PIL image by ``score`` L120 and ``inference_rank`` L153; a copy of OpenAI CLIP's ``_transform``, no square
+resize anywhere in the repo's ``ImageReward/``): torchvision ``Resize(224, BICUBIC)``, i.e. the *short* side to 224 with PIL
+bicubic and the long side ``int(224 * long / short)`` (torchvision ``_compute_resized_output_size``), then
+``CenterCrop(224)`` at the *rounded* offset ``int(round((H - 224) / 2))`` (torchvision
+``functional.center_crop``; Python ``round``, half to even), ``ToTensor``, ``Normalize`` with the OpenAI CLIP
+mean/std (:func:`rlbench.nets.preprocess.clip_pixels_exact`, ``hf=False``; checked on odd-offset
+non-square images in ``tests/test_zoo_preprocessing.py``, issue 18's audit: no discrepancy). When the
+images require grad and grad mode is on, the float path :func:`rlbench.nets.preprocess.clip_pixels`
+instead, as ReFL's ``score_gard`` input (``ReFL.py`` L744-752: the same ``Resize``/``CenterCrop``/
+``Normalize`` on the decoded float tensor, which torchvision >= 0.17 resizes with antialiased bicubic as
+rlbench does); rlbench also clamps the resized pixels to [0, 1], as the uint8 exact path does, where ReFL
+lets the bicubic overshoot through. Prompts: bert-base-uncased tokenizer with BLIP's added
+``[DEC]``/``[ENC]`` tokens, ``padding='max_length', truncation=True, max_length=35``.
 
 The network runs on transformers' BLIP port (:mod:`rlbench.nets.blip`), loading the official
 ``ImageReward.pt`` through an explicit, strict key mapping; the pip package ``image-reward`` is not needed.

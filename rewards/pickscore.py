@@ -6,10 +6,16 @@ flow_grpo ``pickscore_scorer.py``, which takes the diagonal for one prompt per i
     score = model.logit_scale.exp() * cos(image_embeds, text_embeds)
 
 * model: transformers ``CLIPModel`` ``yuvalkirstain/PickScore_v1`` (option ``weights``);
-* processor: the one of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (option ``processor``): text
-  ``padding=True, truncation=True, max_length=77``; images bicubic short side 224, centre crop 224,
-  CLIP mean/std, from the processor's ``preprocessor_config.json`` (PIL arithmetic, see
-  :mod:`rlbench.nets.clip`); the float differentiable path when ``images.requires_grad``.
+* processor: the one of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (option ``processor``; README L55-58
+  ``AutoProcessor.from_pretrained``): text ``padding=True, truncation=True, max_length=77``; images as the
+  README's ``processor(images=...)`` (L64-70), i.e. transformers' ``CLIPImageProcessor`` with the settings of
+  the repo's ``preprocessor_config.json`` (PIL arithmetic, see :mod:`rlbench.nets.clip`): the *short* side
+  resized to 224 with PIL bicubic, the long side ``int(224 * long / short)``
+  (``image_transforms.get_resize_output_image_size``), a 224 centre crop at the *floored* offset
+  ``(H - 224) // 2`` (``image_transforms.center_crop``), rescale 1/255, CLIP mean/std. Checked against the
+  processor on odd-offset non-square images in ``tests/test_zoo_preprocessing.py`` (issue 18's audit: no
+  discrepancy). The float differentiable path (:func:`rlbench.nets.preprocess.clip_pixels`, same crop rule)
+  when ``images.requires_grad``.
 
 No softmax: the README's probabilities compare candidates of one prompt; an RL reward scores each
 image against its own prompt. Typical values: ~21-24 for SD3.5-class images (DiffusionNFT#35 via the

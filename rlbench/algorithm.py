@@ -33,19 +33,40 @@ from rlbench.registry import ALGORITHMS
 
 @dataclass
 class TrainBatch:
-    """One epoch's samples on this process (N samples, T denoising steps)."""
+    """One epoch's samples on this process (N samples, T stored (stochastic) denoising steps).
 
-    latents: torch.Tensor  # (N, T+1, C, h, w): x_T ... x_0
+    ``prompt_embeds``/``neg_embeds`` hold the prompts' conditioning of any model family
+    (:class:`~rlbench.diffusion.conditioning.Conditioning`; a bare tensor is a UNet's text embeddings).
+    ``timesteps`` are the stored steps' keys (DDIM timesteps; flow sigma triples): (T, ...) shared by every
+    sample, or (N, T, ...) with ``per_sample_keys`` (an SDE window whose start differs between batches).
+    """
+
+    latents: torch.Tensor  # (N, T+1, ...): the states entering and leaving the stored steps (x_T ... x_0 for DDIM)
     log_probs: torch.Tensor  # (N, T) log-prob of each step under the sampling weights
-    timesteps: torch.Tensor  # (T,)
-    prompt_embeds: torch.Tensor  # (N, L, D)
-    neg_embeds: torch.Tensor  # (1, L, D)
+    timesteps: torch.Tensor  # (T, ...) or (N, T, ...)
+    prompt_embeds: Any  # Conditioning (N rows)
+    neg_embeds: Any  # Conditioning (1 row)
     rewards: torch.Tensor  # (N,)
     advantages: torch.Tensor  # (N,): advantages (DDPO) or sample weights (RWR)
     prompts: list[str]
+    final: torch.Tensor | None = None  # (N, ...) x_0; latents[:, -1] when the stored steps end the chain
+    per_sample_keys: bool = False
+
+    def __post_init__(self) -> None:
+        from rlbench.diffusion.conditioning import as_conditioning
+
+        self.prompt_embeds = as_conditioning(self.prompt_embeds)
+        self.neg_embeds = as_conditioning(self.neg_embeds)
+        if self.final is None and self.latents is not None:
+            self.final = self.latents[:, -1]
 
     def __len__(self) -> int:
-        return self.latents.shape[0]
+        return (self.latents if self.latents is not None else self.final).shape[0]
+
+    def step_keys(self, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The keys of stored steps ``steps`` (mb, k) of samples ``rows`` (mb, 1): (mb, k, ...)."""
+        keys = self.timesteps.to(steps.device)
+        return keys[rows, steps] if self.per_sample_keys else keys[steps]
 
 
 @dataclass
@@ -64,6 +85,7 @@ class UpdateContext:
     # the policy computes the base model.
     reference: Any = None
     reward: Any = None  # the training reward (a CheckedReward), for algorithms that score inside update()
+    epoch: int = 0  # the epoch being trained (0-based), for schedules across epochs (DiffusionNFT's old-policy decay)
 
     def backward(self, loss: torch.Tensor, sync: bool) -> None:
         """Backward of one micro-step; on ``sync`` also all-reduce, clip and take the optimizer step.
@@ -154,6 +176,21 @@ class Algorithm:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+    def save_tensors(self, folder: Any) -> None:
+        """Write tensor state carried across epochs into a checkpoint folder (safetensors), e.g. DiffusionNFT's old
+        policy; nothing by default."""
+
+    def load_tensors(self, folder: Any) -> None:
+        """Restore :meth:`save_tensors` from a checkpoint folder (called after the policy's weights loaded)."""
+
+    def sampling_weights(self, policy: Any) -> Any:
+        """A context manager around an epoch's training rollouts: the weights they sample with (DiffusionNFT: its
+        old policy); the current weights by default."""
+        return contextlib.nullcontext()
+
+    def setup(self, policy: Any) -> None:
+        """Called once the policy is set up for training, before any checkpoint loads (e.g. to copy its weights)."""
 
 
 def make_algorithm(config: "TrainConfig") -> Algorithm:

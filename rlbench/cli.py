@@ -153,7 +153,10 @@ def eval_(
     prompts_per_set: int = typer.Option(16, "--prompts-per-set", min=0, help="A fixed, seeded subset of larger sets; 0 = all."),
     seed: int = typer.Option(0, "--seed", help="Eval seed: with the prompt and image index it fixes every image's noise."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: each run's own; 0 = deterministic sampler)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps (default: each run's own)."),
+    sampler: Optional[str] = typer.Option(
+        None, "--sampler", help="Flow-matching runs: ode (deterministic Euler, what peers report) or another flow "
+        "sampler (default: each run's own)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: each run's own)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance weight (default: each run's own)."),
     out: Path = typer.Option(Path("eval"), "--out", help="Output directory (new or empty)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
@@ -187,7 +190,7 @@ def eval_(
                 run_dirs, rewards=rewards, prompts=prompts, checkpoints=checkpoints, images_per_prompt=images_per_prompt,
                 prompts_per_set=prompts_per_set, seed=seed, eta=eta, steps=steps, guidance=guidance, out=out,
                 overwrite=overwrite, batch_size=batch_size, cache=False if no_cache else cache, features=features,
-                device=device, progress=bar, log=notices.append)
+                device=device, progress=bar, log=notices.append, sampler=sampler)
         for line in notices:
             typer.echo(line, err=True)
     from rlbench.eval.tables import markdown_table

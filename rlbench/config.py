@@ -90,8 +90,24 @@ class RewardSection:
 class SampleSection:
     """Sampling of training images."""
 
-    num_steps: int = _f(50, "DDIM steps per sample (DDPO paper: 50)", "steps")
-    eta: float = _f(1.0, "DDIM eta; DDPO needs eta > 0 for a stochastic policy (paper: 1.0)")
+    num_steps: int = _f(50, "Denoising steps per sample (DDPO paper: 50 DDIM steps; Flow-GRPO SD3.5: 10)", "steps")
+    sampler: str = _f("", "The policy's sampler: ddim (UNet models), flow-sde (Flow-GRPO), dance-sde (DanceGRPO), cps "
+                          "(coefficients-preserving), ode (deterministic Euler); empty = the model family's default "
+                          "(ddim, flow-sde)")
+    eta: float = _f(1.0, "DDIM eta (the ddim sampler only); DDPO needs eta > 0 for a stochastic policy (paper: 1.0)")
+    noise_level: float = _f(0.7, "Noise level of the flow samplers: flow-sde's and cps's a, dance-sde's eta; unset = "
+                                 "the sampler's default (flow-sde 0.7, dance-sde 0.3, cps 0.8, ode 0)")
+    sde_window: int = _f(0, "Flow-GRPO-Fast / MixGRPO: stochastic on this many consecutive steps only (deterministic "
+                            "elsewhere), only those stored and trained; 0 = every step", "steps")
+    sde_window_range: list = _f([], "[lo, hi]: the window lies within steps lo..hi-1, its start drawn per sampling "
+                                    "batch from [lo, hi - sde_window] (Flow-GRPO-Fast); empty = [0, num_steps - 1]")
+    sde_window_shift_every: int = _f(0, "MixGRPO's progressive window: the start advances one step every N epochs "
+                                        "(rolling back at the end of the range); 0 = drawn at random", "epochs")
+    resolution: int = _f(0, "Image height and width in pixels (flow-matching models); 0 = the model's default size",
+                         "px")
+    true_cfg_scale: float = _f(1.0, "FLUX: true classifier-free guidance weight with the negative prompt (FluxPipeline's "
+                                    "true_cfg_scale; needs a non-empty sample.negative_prompt); 1 = off. FLUX-dev's "
+                                    "distilled guidance is sample.guidance_scale")
     guidance_scale: float = _f(5.0, "Classifier-free guidance weight (paper: 5.0)")
     batch_size: int = _f(8, "Images per sampling batch, per process", "images")
     num_batches_per_epoch: int = _f(4, "Sampling batches per epoch, per process", "batches")
@@ -241,6 +257,64 @@ class TrainConfig:
         """Optimizer steps per epoch."""
         return self.samples_per_epoch // self.samples_per_update * self.train.num_inner_epochs
 
+    def model_family(self) -> str:
+        """"ddim" or "flow": the model's family when it can be told before loading, else the sampler's, else ddim."""
+        from rlbench.diffusion.sampler import family_of_sampler, model_family
+
+        family = model_family(self.model.name)
+        if family is None:
+            family = family_of_sampler(self.sample.sampler) if self.sample.sampler else "ddim"
+        return family
+
+    def sampler(self):
+        """The policy's :class:`~rlbench.diffusion.sampler.Sampler` (name, noise level, SDE window)."""
+        from rlbench.diffusion.sampler import sampler_from_config
+
+        return sampler_from_config(self.sample, self.model_family())
+
+    def _validate_sampler(self) -> None:
+        from rlbench.diffusion.sampler import FAMILY_SAMPLERS, family_of_sampler, model_family
+
+        s = self.sample
+        known = model_family(self.model.name)
+        if s.sampler:
+            fam = family_of_sampler(s.sampler)  # unknown names: one error with a suggestion
+            if known is not None and fam != known:
+                raise ConfigError(
+                    f"sample.sampler = {s.sampler!r} is a {fam} sampler, but model {self.model.name!r} is a {known} "
+                    f"model; its samplers: {', '.join(FAMILY_SAMPLERS[known])}.")
+        family = self.model_family()
+        if family == "ddim":
+            if s.eta > 1.0:
+                # DDIM's sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev) exceeds
+                # sqrt(1 - a_prev) for eta > 1, and the direction term sqrt(1 - a_prev - sigma_t^2) is undefined.
+                raise ConfigError(f"sample.eta must be in [0, 1] (DDPO: 1.0), got {s.eta}.")
+            if s.resolution:
+                raise ConfigError("sample.resolution applies to flow-matching models; a UNet model samples at its "
+                                  "own size (set it to 0).")
+        elif s.eta != SampleSection.eta:
+            raise ConfigError(
+                f"sample.eta is the DDIM sampler's noise; {self.model.name!r} is a flow-matching model: set "
+                f"sample.noise_level (a for flow-sde and cps, eta for dance-sde) and leave sample.eta unset.")
+        if s.true_cfg_scale < 1.0:
+            raise ConfigError(f"sample.true_cfg_scale must be >= 1 (1 = off), got {s.true_cfg_scale}.")
+        if s.true_cfg_scale > 1.0 and family == "ddim":
+            raise ConfigError("sample.true_cfg_scale is FLUX's true guidance; UNet models guide with "
+                              "sample.guidance_scale (set true_cfg_scale to 1).")
+        if s.true_cfg_scale > 1.0 and not s.negative_prompt:
+            raise ConfigError(
+                "sample.true_cfg_scale > 1 asks for true classifier-free guidance, which needs a negative prompt "
+                "(FluxPipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt): set sample.negative_prompt, "
+                "or keep true_cfg_scale = 1 and use FLUX-dev's distilled guidance (sample.guidance_scale).")
+        if s.sde_window_range and len(s.sde_window_range) != 2:
+            raise ConfigError(f"sample.sde_window_range must be [lo, hi], got {list(s.sde_window_range)}.")
+        if s.sde_window_shift_every and not s.sde_window:
+            raise ConfigError("sample.sde_window_shift_every moves an SDE window: set sample.sde_window > 0 too.")
+        if (s.sde_window or s.sde_window_range) and family == "ddim":
+            raise ConfigError("sample.sde_window applies to the flow-matching samplers; a DDIM policy is stochastic "
+                              "on every step (unset sample.sde_window and sample.sde_window_range).")
+        self.sampler().check(s.num_steps)
+
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check values and combinations; raise ConfigError with the fix. Returns self. Changes nothing."""
@@ -293,10 +367,7 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}.")
-        if self.sample.eta > 1.0:
-            # DDIM's sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev) exceeds
-            # sqrt(1 - a_prev) for eta > 1, and the direction term sqrt(1 - a_prev - sigma_t^2) is undefined.
-            raise ConfigError(f"sample.eta must be in [0, 1] (DDPO: 1.0), got {self.sample.eta}.")
+        self._validate_sampler()
         if not 0.0 < self.train.timestep_fraction <= 1.0:
             raise ConfigError(
                 f"train.timestep_fraction must be in (0, 1], got {self.train.timestep_fraction}."
@@ -422,7 +493,10 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
         or (origin is int and isinstance(value, int) and not isinstance(value, bool))
         or (origin is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (origin is str and isinstance(value, str))
-        or (origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value)
+            and key != "sample.sde_window_range")
+        or (key == "sample.sde_window_range" and isinstance(value, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
         or (origin is dict and isinstance(value, dict))
     )
     if not ok:
@@ -489,6 +563,13 @@ def model_presets(model: str) -> dict[str, Any]:
             raise ConfigError(f"{meta} must hold a JSON object, got {type(declared).__name__}.")
         presets = declared.get("train_defaults", {})
         default_prompts = declared.get("default_prompts")  # the folder's own prompt set (DiffusionPolicy reads it too)
+        from rlbench.diffusion.sampler import pipeline_kind
+
+        kind = pipeline_kind(model)
+        if kind in ("sd3", "flux") and isinstance(presets, dict):  # a flow folder or cached hub id: its family recipe
+            from rlbench.diffusion.flow_policy import FLOW_PRESETS
+
+            presets = {**FLOW_PRESETS[kind], **presets}
     if not isinstance(presets, dict) or not all(isinstance(k, str) and "." in k for k in presets):
         raise ConfigError(f"model '{model}' declares malformed train_defaults {presets!r}; expected "
                           "{'section.key': value, ...}.")
@@ -526,10 +607,35 @@ def load_config(
             if value is not None:
                 data.setdefault(sname, {})[key] = value
     model = data.get("model", {}).get("name", ModelSection.name)
-    for dotted, value in model_presets(model).items():  # lowest layer: anything the user set wins
+    presets = model_presets(model)
+    user_sample = dict(data.get("sample", {})) if isinstance(data.get("sample"), dict) else {}
+    if "sampler" in user_sample and user_sample["sampler"] != presets.get("sample.sampler", user_sample["sampler"]):
+        # A preset noise level belongs to the preset's sampler: another sampler takes its own default.
+        presets = {k: v for k, v in presets.items() if k != "sample.noise_level"}
+    for dotted, value in presets.items():  # lowest layer: anything the user set wins
         sname, _, key = dotted.partition(".")
         data.setdefault(sname, {}).setdefault(key, value)
+    _default_noise_level(data, model)
     return resolve(data, source if not overrides else f"{source} + --set")
+
+
+def _default_noise_level(data: dict[str, Any], model: str) -> None:
+    """An unset sample.noise_level takes its flow sampler's default (Flow-SDE 0.7, Dance-SDE 0.3, CPS 0.8, ODE 0)."""
+    from rlbench.diffusion.sampler import DEFAULT_NOISE, DEFAULT_SAMPLER, family_of_sampler, model_family
+
+    sample = data.get("sample", {})
+    if not isinstance(sample, dict) or "noise_level" in sample:
+        return
+    name = sample.get("sampler") or ""
+    if not name:
+        family = model_family(model) if isinstance(model, str) else None
+        name = DEFAULT_SAMPLER.get(family or "", "")
+    try:
+        flow = bool(name) and family_of_sampler(str(name)) == "flow"
+    except ConfigError:
+        return  # an unknown sampler: validation names it
+    if flow:
+        data.setdefault("sample", {})["noise_level"] = DEFAULT_NOISE[str(name)]
 
 
 def resolve(data: dict[str, Any], source: str = "config") -> TrainConfig:

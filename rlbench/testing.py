@@ -41,26 +41,38 @@ from rlbench.utils.bpe import byte_level_vocab, bytes_to_unicode
 from rlbench.utils.hf import no_progress_bars
 
 __all__ = [
+    "FLUX_DEV_SCHEDULER_CONFIG",
+    "FLUX_SCHNELL_SCHEDULER_CONFIG",
+    "SD35_SCHEDULER_CONFIG",
     "TINY_BLIP_CONFIG",
+    "TINY_FLOW_TEXT_DIM",
+    "TINY_FLUX_IMAGE_SIZE",
     "TINY_MAX_TOKEN_LENGTH",
     "TINY_OPEN_CLIP_NAME",
     "TINY_REWARDS",
+    "TINY_SD3_IMAGE_SIZE",
+    "TINY_T5_MAX_LENGTH",
     "TINY_TEXT_HIDDEN_SIZE",
     "aesthetic_mlp_state_dict",
     "byte_level_vocab",
     "randomise_",
+    "save_tiny_flux_pipeline",
+    "save_tiny_sd3_pipeline",
     "save_tiny_sd_pipeline",
     "smooth_images",
     "tiny_bert_tokenizer",
     "tiny_clip_processor",
     "tiny_clip_tokenizer",
     "tiny_ddim_scheduler",
+    "tiny_flux_components",
     "tiny_hf_clip",
     "tiny_hps_checkpoint",
     "tiny_imagereward_checkpoint",
     "tiny_reward",
     "tiny_reward_options",
+    "tiny_sd3_components",
     "tiny_sd_components",
+    "tiny_t5_tokenizer",
     "write_clip_tokenizer",
     "write_preprocessor",
     "write_tiny_llava",
@@ -625,3 +637,271 @@ def tiny_reward(name: str, root: str | os.PathLike | None = None, **options: Any
     from rlbench.registry import make_reward
 
     return make_reward(name, **{**tiny_reward_options(name, root), **options})
+
+
+# == flow-matching pipelines (SD3 / FLUX.1) ===========================================================
+#
+# Sizes follow diffusers' own fast tests (tests/pipelines/stable_diffusion_3 and tests/pipelines/flux,
+# ``get_dummy_components``), with everything the Hub would have supplied built here instead: the two CLIP
+# tokenizers are the byte-level one above, the T5 config is explicit and its tokenizer is a generated
+# Unigram ``tokenizer.json``. The VAEs have one level, so ``vae_scale_factor == 1`` (latents have the
+# image's height and width).
+
+TINY_SD3_IMAGE_SIZE = 32  # StableDiffusion3Pipeline's default for the tiny transformer (sample_size * 1)
+TINY_FLUX_IMAGE_SIZE = 16  # pass it: FluxPipeline's own default is 128 * vae_scale_factor = 128 px
+TINY_T5_MAX_LENGTH = 512  # the model_max_length of the T5 tokenizer of the SD3/FLUX repos
+TINY_FLOW_TEXT_DIM = 32  # T5 d_model = transformer joint_attention_dim
+
+# Seed offsets, so each component's weights depend on `seed` only (not on the other components or options).
+_FLOW_SEED_OFFSETS = {"transformer": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
+
+# stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json.
+SD35_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+# black-forest-labs/FLUX.1-dev and FLUX.1-schnell scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler).
+FLUX_DEV_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+    "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+}
+FLUX_SCHNELL_SCHEDULER_CONFIG: dict[str, Any] = {
+    **FLUX_DEV_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
+
+# The CLIPTextConfig of diffusers' SD3/FLUX fast tests (vocab and special ids come from the local tokenizer).
+_FLOW_CLIP_TEXT = dict(hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,
+                       num_hidden_layers=5, hidden_act="gelu", projection_dim=32,
+                       max_position_embeddings=TINY_MAX_TOKEN_LENGTH)
+# The T5 sizes of diffusers' hunyuan_image_21 test (d_model 32), v1.1-style like t5-v1_1-xxl (gated-gelu, untied).
+_FLOW_T5 = dict(d_model=TINY_FLOW_TEXT_DIM, d_kv=4, d_ff=16, num_layers=2, num_heads=2,
+                relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False, is_encoder_decoder=False,
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def _flow_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """:func:`tiny_clip_tokenizer` with a chosen pad token ("!" is id 0, the CLIP-G pad of SDXL's tokenizer_2)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer_files(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=TINY_MAX_TOKEN_LENGTH, pad_token=pad_token)
+
+
+def _write_t5_tokenizer_files(folder: Path, max_length: int = TINY_T5_MAX_LENGTH) -> None:
+    """A T5-style tokenizer folder (``tokenizer.json`` + configs) over a tiny generated Unigram vocabulary.
+
+    Ids as in T5: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then "▁" and every printable ASCII character with and
+    without the word-start "▁" (192 tokens, no sentinel ``<extra_id_*>`` tokens). Text is NFKC-normalised,
+    split on whitespace with the SentencePiece "▁" convention, and ends with ``</s>``; other characters map
+    to ``<unk>``.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    chars = [c for c in string.printable if not c.isspace()]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tok = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "extra_ids": 0, "additional_special_tokens": [], "model_max_length": max_length,
+         "tokenizer_class": "T5Tokenizer"}))
+
+
+def tiny_t5_tokenizer(max_length: int = TINY_T5_MAX_LENGTH):
+    """A ``T5TokenizerFast`` (transformers 5: ``T5Tokenizer``) over the generated vocabulary of
+    :func:`_write_t5_tokenizer_files` (192 tokens; pad 0, eos 1, unk 2; ``model_max_length`` 512)."""
+    from transformers import T5TokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_t5_tokenizer_files(Path(tmp), max_length)
+        return T5TokenizerFast.from_pretrained(tmp)
+
+
+def _tiny_t5_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, **_FLOW_T5))
+
+
+def _flow_clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id,  # pooled output at the first EOS
+                          pad_token_id=tokenizer.pad_token_id, **_FLOW_CLIP_TEXT)
+
+
+def _flow_vae(latent_channels: int, sample_size: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    return AutoencoderKL(
+        sample_size=sample_size, in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(4,),  # one level: vae_scale_factor 1
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
+        use_quant_conv=False, use_post_quant_conv=False,  # as SD3 / FLUX
+        shift_factor=shift_factor, scaling_factor=scaling_factor,
+    )
+
+
+def _seeded(seed: int, name: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    torch.manual_seed(seed + _FLOW_SEED_OFFSETS[name])
+    return build().eval()
+
+
+def tiny_sd3_components(
+    seed: int = 0, t5: bool = True, sample_size: int = 32, *, patch_size: int = 2, num_layers: int = 1,
+    pos_embed_max_size: int | None = None,
+) -> dict[str, Any]:
+    """In-memory tiny Stable Diffusion 3 components (diffusers' SD3 fast-test sizes), built offline.
+
+    * ``transformer``: ``SD3Transformer2DModel(sample_size, patch_size=2, in_channels=4, out_channels=4,
+      num_layers=1, num_attention_heads=4, attention_head_dim=8, caption_projection_dim=32,
+      joint_attention_dim=32, pooled_projection_dim=64)``. Patch 2 as the real SD3/SD3.5 (diffusers' test
+      uses 1); its ``hidden_states`` are unpacked latents ``(B, 4, H, W)``, patchified inside into
+      ``(H/2)(W/2)`` tokens, and its ``timestep`` is ``1000 * sigma``. ``pos_embed_max_size`` (default
+      ``2 * sample_size // patch_size``) caps the image side at ``pos_embed_max_size * patch_size`` pixels
+      (64 by default). With ``num_layers=1`` the only block is ``context_pre_only``: it has no
+      ``attn.to_add_out`` and no ``ff_context`` (use ``num_layers >= 2`` to have every SD3 LoRA target).
+    * ``text_encoder`` / ``text_encoder_2``: ``CLIPTextModelWithProjection`` (hidden 32, projection 32,
+      5 layers), each with its own byte-level CLIP tokenizer (77 tokens; ``tokenizer_2`` pads with "!",
+      id 0, like the open_clip-style CLIP-G tokenizer of SDXL). Their penultimate hidden states, 32 + 32
+      wide, are *cropped* by the pipeline to the T5 width 32 (real SD3 zero-pads 768 + 1280 to 4096), so
+      ``text_encoder_2`` reaches the transformer only through the pooled embedding.
+    * ``text_encoder_3``: ``T5EncoderModel`` (d_model 32, 2 layers) with :func:`tiny_t5_tokenizer`; ``None``
+      for both with ``t5=False`` (the pipeline then uses zeros for the T5 part).
+    * ``vae``: one-level ``AutoencoderKL`` with 4 latent channels, SD3's ``shift_factor`` 0.0609 and the
+      test's ``scaling_factor`` 1.5035, no quant convs (``vae_scale_factor == 1``).
+    * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with SD3.5-M's config (shift 3.0).
+
+    Each model is seeded from ``seed`` independently of the others; the global torch RNG is left as it was.
+    ``StableDiffusion3Pipeline(**components)`` builds the pipeline; its default image is
+    ``sample_size`` pixels square (``sample_size * vae_scale_factor``), latents ``(B, 4, 32, 32)``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = _flow_clip_tokenizer(), _flow_clip_tokenizer(pad_token="!")
+    tokenizer_3 = tiny_t5_tokenizer() if t5 else None
+    if pos_embed_max_size is None:
+        pos_embed_max_size = 2 * sample_size // patch_size
+    with torch.random.fork_rng(devices=[]):
+        transformer = _seeded(seed, "transformer", lambda: SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=patch_size, in_channels=4, out_channels=4, num_layers=num_layers,
+            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+            joint_attention_dim=TINY_FLOW_TEXT_DIM, pooled_projection_dim=64,
+            pos_embed_max_size=pos_embed_max_size))
+        vae = _seeded(seed, "vae", lambda: _flow_vae(4, sample_size, scaling_factor=1.5035, shift_factor=0.0609))
+        text_encoder = _seeded(seed, "text_encoder",
+                               lambda: CLIPTextModelWithProjection(_flow_clip_config(tokenizer)))
+        text_encoder_2 = _seeded(seed, "text_encoder_2",
+                                 lambda: CLIPTextModelWithProjection(_flow_clip_config(tokenizer_2)))
+        text_encoder_3 = _seeded(seed, "text_encoder_3", lambda: _tiny_t5_encoder(len(tokenizer_3))) if t5 else None
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER_CONFIG),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_3": text_encoder_3,
+        "tokenizer_3": tokenizer_3,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def _save_flow_pipeline(pipe: Any, path: Path, clip_tokenizers: tuple[str, ...]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    with no_progress_bars():
+        pipe.save_pretrained(path, safe_serialization=True)
+    for name in clip_tokenizers:  # transformers 5 writes tokenizer.json only; keep transformers 4's files too
+        _write_tokenizer_files(path / name)
+    return path
+
+
+def save_tiny_sd3_pipeline(
+    folder: str | Path, *, seed: int = 0, t5: bool = True, sample_size: int = 32, **options: Any
+) -> Path:
+    """Write :func:`tiny_sd3_components` in the diffusers folder layout (``model_index.json``, one
+    subfolder per component, safetensors weights); returns ``Path(folder)``. Loads offline with::
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(path)                       # t5=True
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None,  # t5=False
+                                                        tokenizer_3=None)
+
+    With ``t5=False``, ``model_index.json`` records ``text_encoder_3``/``tokenizer_3`` as ``[null, null]``
+    and diffusers refuses to load the folder unless both are passed as ``None`` again (``ValueError: Pipeline
+    ... expected [...] but only {...} were passed``).
+
+    ``options`` (``patch_size``, ``num_layers``, ``pos_embed_max_size``) go to :func:`tiny_sd3_components`.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed=seed, t5=t5, sample_size=sample_size, **options))
+    return _save_flow_pipeline(pipe, Path(folder), ("tokenizer", "tokenizer_2"))
+
+
+def tiny_flux_components(
+    seed: int = 0, guidance_embeds: bool = True, sample_size: int = TINY_FLUX_IMAGE_SIZE
+) -> dict[str, Any]:
+    """In-memory tiny FLUX.1 components (diffusers' FLUX fast-test sizes), built offline.
+
+    * ``transformer``: ``FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1,
+      num_single_layers=1, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32,
+      pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), guidance_embeds=...)``. Its ``hidden_states`` are
+      *packed* latents ``(B, (h/2)(w/2), 4)`` (``FluxPipeline._pack_latents`` of ``(B, 1, h, w)``), with
+      ``img_ids`` ``((h/2)(w/2), 3)``, ``txt_ids`` ``(T, 3)`` and ``timestep = sigma`` (times 1000 inside).
+    * ``guidance_embeds=True`` mimics FLUX.1-dev (distilled-guidance embedding, the pipeline passes
+      ``guidance_scale``; dev scheduler config: dynamic shifting), ``False`` FLUX.1-schnell (no guidance
+      input; schnell scheduler config: shift 1, no dynamic shifting).
+    * ``text_encoder``: ``CLIPTextModel`` (hidden 32 = ``pooled_projection_dim``; only its pooled output
+      is used) with a byte-level CLIP tokenizer (77 tokens); ``text_encoder_2``: ``T5EncoderModel``
+      (d_model 32 = ``joint_attention_dim``) with :func:`tiny_t5_tokenizer` (512 tokens).
+    * ``vae``: one-level ``AutoencoderKL`` with 1 latent channel (2x2 packing gives the transformer's 4),
+      FLUX.1's ``scaling_factor`` 0.3611 / ``shift_factor`` 0.1159; ``sample_size`` is only its config entry.
+
+    ``FluxPipeline(**components)`` builds the pipeline. Pass ``height=width=TINY_FLUX_IMAGE_SIZE`` (16):
+    the pipeline's own default is 128 px (a hard-coded 128 * ``vae_scale_factor``), 4096 tokens. Sizes must
+    be multiples of ``2 * vae_scale_factor`` = 2. Each model is seeded independently; the global RNG is kept.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer, tokenizer_2 = _flow_clip_tokenizer(), tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        transformer = _seeded(seed, "transformer", lambda: FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=TINY_FLOW_TEXT_DIM, pooled_projection_dim=32,
+            axes_dims_rope=(4, 4, 8), guidance_embeds=guidance_embeds))
+        vae = _seeded(seed, "vae", lambda: _flow_vae(1, sample_size, scaling_factor=0.3611, shift_factor=0.1159))
+        text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_flow_clip_config(tokenizer)))
+        text_encoder_2 = _seeded(seed, "text_encoder_2", lambda: _tiny_t5_encoder(len(tokenizer_2)))
+    scheduler_config = FLUX_DEV_SCHEDULER_CONFIG if guidance_embeds else FLUX_SCHNELL_SCHEDULER_CONFIG
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**scheduler_config),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def save_tiny_flux_pipeline(
+    folder: str | Path, *, seed: int = 0, guidance_embeds: bool = True, sample_size: int = TINY_FLUX_IMAGE_SIZE
+) -> Path:
+    """Write :func:`tiny_flux_components` in the diffusers folder layout; returns ``Path(folder)``.
+    Loads offline with ``FluxPipeline.from_pretrained(path)``; generate with ``height=width=16``."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**tiny_flux_components(seed=seed, guidance_embeds=guidance_embeds, sample_size=sample_size))
+    return _save_flow_pipeline(pipe, Path(folder), ("tokenizer",))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from helpers import block_network, empty_hf_cache, pil_image_processor
 
@@ -33,17 +35,61 @@ def reward(paths) -> Aesthetic:
     return Aesthetic(**paths)
 
 
-def _ddpo_pytorch_scores(paths, images: torch.Tensor) -> torch.Tensor:
-    """ddpo-pytorch: rewards.py aesthetic_score quantises, aesthetic_scorer.py runs CLIPProcessor +
-    CLIPModel.get_image_features, divides by the norm, applies the improved-aesthetic-predictor MLP."""
-    from transformers import CLIPModel, CLIPProcessor
+# (H, W): 640x427 and its transpose (resized long side 335: offset 55.5, floored 55, rounded 56), 224x339
+# (no resize; offset 57.5: 57 vs 58), 224x301 (offset 38.5: Python's round gives 38, as the floor; half-up
+# would give 39), 768x512 (even offset 56), 160x224 (long side 224 -> 313), upscaling 100x150, square.
+SHAPES = [(427, 640), (640, 427), (224, 339), (224, 301), (768, 512), (160, 224), (100, 150), (256, 256)]
+DIFFERENT = {(427, 640), (640, 427), (224, 339)}  # the shapes where the two crop rules disagree
+# OpenAI CLIP clip/clip.py _transform L85 (= HF OPENAI_CLIP_MEAN/STD)
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _laion_pixels(images: torch.Tensor) -> torch.Tensor:
+    """simple_inference.py's preprocess = OpenAI CLIP clip/clip.py _transform(224) (L79-86), from its
+    definition: torchvision on the PIL image, Resize(224, BICUBIC) (short side), CenterCrop(224) (rounded
+    offset), RGB, ToTensor, Normalize."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    preprocess = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224),
+                          lambda im: im.convert("RGB"), ToTensor(), Normalize(OPENAI_MEAN, OPENAI_STD)])
+    return torch.stack([preprocess(Image.fromarray(a)) for a in _uint8(images)])
+
+
+def _ddpo_pixels(images: torch.Tensor) -> torch.Tensor:
+    """ddpo-pytorch's processor (transformers CLIPImageProcessor, PIL arithmetic), from its definition:
+    short side to 224 with the long side int(224 * long / short) (image_transforms.get_resize_output_image_size),
+    PIL bicubic resize, crop at the floored offset (image_transforms.center_crop), rescale 1/255, normalise."""
+    out = []
+    for a in _uint8(images):
+        img = Image.fromarray(a)
+        w, h = img.size
+        size = (224, int(224 * h / w)) if w <= h else (int(224 * w / h), 224)  # (width, height)
+        arr = np.asarray(img.resize(size, Image.BICUBIC), dtype=np.float32) / 255
+        top, left = (arr.shape[0] - 224) // 2, (arr.shape[1] - 224) // 2
+        arr = (arr[top : top + 224, left : left + 224] - np.float32(OPENAI_MEAN)) / np.float32(OPENAI_STD)
+        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def _head(paths) -> nn.Module:
     mlp = nn.Sequential(  # improved-aesthetic-predictor simple_inference.py, ReLUs commented out as upstream
         nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
     state = torch.load(paths["weights"], weights_only=True)
     mlp.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
-    mlp.eval()
+    return mlp.eval()
+
+
+def _ddpo_pytorch_scores(paths, images: torch.Tensor) -> torch.Tensor:
+    """ddpo-pytorch: rewards.py aesthetic_score quantises, aesthetic_scorer.py runs CLIPProcessor +
+    CLIPModel.get_image_features, divides by the norm, applies the improved-aesthetic-predictor MLP."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    mlp = _head(paths)
     clip = CLIPModel.from_pretrained(paths["clip"]).eval()
     processor = CLIPProcessor.from_pretrained(paths["clip"])
     processor.image_processor = pil_image_processor(paths["clip"])  # transformers 4's (PIL) processor
@@ -54,6 +100,21 @@ def _ddpo_pytorch_scores(paths, images: torch.Tensor) -> torch.Tensor:
         embed = getattr(embed, "pooler_output", embed)
         embed = embed / torch.linalg.vector_norm(embed, dim=-1, keepdim=True)
         return mlp(embed).squeeze(1)
+
+
+def _laion_scores(paths, images: torch.Tensor) -> torch.Tensor:
+    """simple_inference.py: preprocess, encode_image, numpy L2 normalisation (its ``normalized``), MLP; with
+    the HF port of the CLIP (the OpenAI ``clip`` package is not a dependency) and the images as one batch
+    (the script scores one; batching changes nothing but float rounding)."""
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(paths["clip"]).eval()
+    with torch.no_grad():
+        feats = clip.get_image_features(pixel_values=_laion_pixels(images))
+        feats = getattr(feats, "pooler_output", feats).numpy()
+        l2 = np.atleast_1d(np.linalg.norm(feats, 2, -1))
+        l2[l2 == 0] = 1
+        return _head(paths)(torch.from_numpy(feats / np.expand_dims(l2, -1))).squeeze(1)
 
 
 # -- contract, card, options -------------------------------------------------------------------------
@@ -138,6 +199,53 @@ def test_score_equals_ddpo_pytorch(paths, reward) -> None:
     scores = reward(images, PROMPTS).scores
     assert scores.dtype == torch.float32 and scores.shape == (4,)
     torch.testing.assert_close(scores, _ddpo_pytorch_scores(paths, images), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_preprocessing_follows_ddpo_pytorch_and_laion(paths, shape) -> None:
+    images = smooth_images(2, shape, seed=sum(shape))
+    ddpo = Aesthetic(preprocess="ddpo", **paths)
+    laion = Aesthetic(preprocess="laion", **paths)
+    ddpo._load(), laion._load()
+    got_ddpo, got_laion = ddpo._pixels(images), laion._pixels(images)
+    # Same uint8 pixels through the same PIL resize; only float32 rescale/normalise rounding can differ
+    # (transformers rescales in float64): a few ulps of the normalised range.
+    torch.testing.assert_close(got_ddpo, _ddpo_pixels(images), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_laion, _laion_pixels(images), atol=1e-6, rtol=0)
+    hf = pil_image_processor(paths["clip"])(images=list(torch.from_numpy(_uint8(images)).permute(0, 3, 1, 2)),
+                                            return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(got_ddpo, hf, atol=1e-6, rtol=0)  # and the processor itself
+    assert torch.equal(got_ddpo, got_laion) == (shape not in DIFFERENT)
+
+
+@pytest.mark.parametrize("shape", [(427, 640), (224, 339), (256, 256)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_scores_of_both_modes_equal_their_reference(paths, shape) -> None:
+    images = smooth_images(3, shape, seed=sum(shape))
+    ddpo = Aesthetic(preprocess="ddpo", **paths)(images, PROMPTS[:3]).scores
+    laion = Aesthetic(preprocess="laion", **paths)(images, PROMPTS[:3]).scores
+    torch.testing.assert_close(ddpo, _ddpo_pytorch_scores(paths, images), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(laion, _laion_scores(paths, images), atol=1e-6, rtol=1e-6)
+    assert (ddpo - laion).abs().max() > 1e-4 if shape != (256, 256) else torch.equal(ddpo, laion)
+
+
+@pytest.mark.parametrize("preprocess, left", [("ddpo", 57), ("laion", 58)])
+def test_differentiable_path_crops_like_the_exact_path(paths, preprocess, left) -> None:
+    """224x339: no resize, only the crop (offset 57.5): on uint8 levels the float path equals the exact one."""
+    r = Aesthetic(preprocess=preprocess, **paths)
+    r._load()
+    levels = (smooth_images(2, (224, 339), seed=11) * 255).round() / 255
+    exact = r._pixels.exact(levels)
+    torch.testing.assert_close(r._pixels.differentiable(levels.requires_grad_(True)).detach(), exact,
+                               atol=1e-6, rtol=0)
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(exact, (levels.detach()[..., left : left + 224] - mean) / std, atol=1e-6, rtol=0)
+
+
+def test_preprocess_option() -> None:
+    assert Aesthetic().preprocess == "ddpo"
+    assert make_reward("aesthetic", preprocess="laion").reward.preprocess == "laion"
+    with pytest.raises(ConfigError, match="preprocess"):
+        make_reward("aesthetic", preprocess="openai")
 
 
 def test_prompts_do_not_matter(reward) -> None:

@@ -125,3 +125,36 @@ def test_docs_architecture_names_every_module_and_nothing_that_is_gone():
                 indent = len(m.group(1))
                 base = ROOT / "rlbench" if indent <= 2 else ROOT / "rlbench" / folder
                 assert (base / name).is_file(), f"docs/architecture.md names {name}, which does not exist in {base}"
+
+
+# Modules that define a model family or build one (the shapes world trains its own DDIM UNet; the test builders
+# make schedulers): everything else reaches a scheduler only through rlbench.diffusion.
+_FAMILY_OWNERS = ("rlbench.diffusion", "rlbench.shapes", "rlbench.testing")
+
+
+def test_nothing_outside_diffusion_imports_a_scheduler_or_a_step_function():
+    """One mechanism: training, evaluation and the algorithms sample through rlbench.diffusion's one trajectory
+    loop and the policy's transition; no other module imports the DDIM or flow step functions, a diffusers
+    scheduler, or reads a policy's ``.scheduler``."""
+    step_modules = {"rlbench.diffusion.ddim", "rlbench.diffusion.flow"}
+    g = graph()
+    for mod, path in _modules().items():
+        if mod.startswith(_FAMILY_OWNERS):
+            continue
+        assert not g[mod] & step_modules, f"{mod} imports a step function: {sorted(g[mod] & step_modules)}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("scheduler", "timesteps", "alphas_cumprod"):
+                if node.attr == "timesteps" and not (isinstance(node.value, ast.Attribute)
+                                                     and node.value.attr == "scheduler"):
+                    continue  # a TrainBatch's or Rollout's stored step keys
+                raise AssertionError(f"{mod} line {node.lineno} reads .{node.attr} of a scheduler")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers"):
+                names = [a.name for a in node.names]
+                assert not any("Scheduler" in n for n in names), f"{mod} imports a diffusers scheduler: {names}"
+
+
+def test_one_trajectory_loop_serves_training_evaluation_and_draft():
+    g = graph()
+    assert "rlbench.diffusion.trajectory" in g["rlbench.diffusion.base"]  # training rollouts (Policy.sample)
+    assert "rlbench.diffusion.trajectory" in g["rlbench.eval.sampling"]  # paired evaluation + KL
+    assert "rlbench.diffusion.trajectory" in g["rlbench.algorithms.draft"]  # reward backprop

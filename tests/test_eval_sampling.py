@@ -55,8 +55,8 @@ def _independent(policy, base_unet, prompts, seeds, eta, kl_eta):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     shape = (1, *policy.latent_shape)
     x = torch.cat([torch.randn(shape, generator=g) for g in gens]) * sched.init_noise_sigma
-    emb = policy.encode_prompts(prompts)
-    neg = policy.encode_prompts([""]).expand(len(prompts), -1, -1)
+    emb = policy.encode_prompts(prompts)["embeds"]
+    neg = policy.encode_prompts([""])["embeds"].expand(len(prompts), -1, -1)
 
     def eps(unet, x, t):
         out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg, emb])).sample

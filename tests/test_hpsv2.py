@@ -35,13 +35,62 @@ def reward(opts) -> HPSv2:
     return HPSv2(**opts)
 
 
-def _preprocess_val():
-    """HPSv2's preprocess_val (its open_clip fork, transform.py image_transform, is_train=False)."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+# Image shapes (H, W) that exercise every branch of HPSv2's ResizeMaxSize: portrait and landscape
+# 512x768 / 768x512, 640x427 (odd padding: 75 = 37 + 38), 448x225 (225 * 0.5 = 112.5: Python's round gives
+# 112, half-up would give 113), long side already 224 (224x160, 96x224: no resize, padding only),
+# upscaling (150x100), square (224x224 untouched, 72x72 upscaled, 256x256 downscaled).
+SHAPES = [(768, 512), (512, 768), (427, 640), (225, 448), (224, 160), (96, 224), (100, 150), (224, 224),
+          (72, 72), (256, 256)]
 
-    return Compose([lambda im: im.convert("RGB"), ToTensor(), Resize(224, interpolation=InterpolationMode.BICUBIC),
-                    CenterCrop(224), Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+
+def _official_resize_max_size(t: torch.Tensor, max_size: int = 224) -> torch.Tensor:
+    """HPSv2's ResizeMaxSize (hpsv2/src/open_clip/transform.py L26-49), from its definition: the longer side
+    to max_size (each side scaled and rounded with Python's round, bicubic tensor resize), then zero padding
+    of the shorter side, half before and the rest after; an image whose longer side is max_size already is
+    returned as it is (unpadded)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    h, w = t.shape[1:]
+    scale = max_size / float(max(h, w))
+    if scale == 1.0:
+        return t
+    new_h, new_w = round(h * scale), round(w * scale)
+    t = TF.resize(t, [new_h, new_w], InterpolationMode.BICUBIC)
+    extra_h, extra_w = max_size - new_h, max_size - new_w
+    left, top = extra_w // 2, extra_h // 2
+    return TF.pad(t, [left, top, extra_w - left, extra_h - top], fill=0)
+
+
+def _preprocess_val():
+    """HPSv2's preprocess_val as hpsv2.score builds it (light_augmentation=True -> image_transform(...,
+    resize_longest_max=True), transform.py L141-157): RGB, ToTensor, ResizeMaxSize(224), Normalize."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    return Compose([lambda im: im.convert("RGB"), ToTensor(), _official_resize_max_size,
+                    Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+
+
+def _pad_to_224(x: torch.Tensor) -> torch.Tensor:
+    """What rlbench does where the official transform passes an image through unpadded (long side 224):
+    zero padding in pixel space, i.e. -mean/std after normalisation, half before and the rest after."""
+    h, w = x.shape[-2:]
+    fill = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
+    out = fill.expand(3, 224, 224).clone()
+    top, left = (224 - h) // 2, (224 - w) // 2
+    out[:, top : top + h, left : left + w] = x
+    return out
+
+
+def _official_pixels(images: torch.Tensor) -> torch.Tensor:
+    """preprocess_val of each image as a PIL image (what hpsv2.score receives), one at a time."""
+    preprocess_val = _preprocess_val()
+    out = []
+    for arr in (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        x = preprocess_val(Image.fromarray(arr))
+        out.append(x if x.shape[-2:] == (224, 224) else _pad_to_224(x))
+    return torch.stack(out)
 
 
 def _hpsv2_scores(ckpt: str, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -52,12 +101,10 @@ def _hpsv2_scores(ckpt: str, images: torch.Tensor, prompts: list[str]) -> torch.
     model.load_state_dict(torch.load(ckpt, map_location="cpu")["state_dict"])
     model.eval()
     tokenizer = open_clip.get_tokenizer(TINY_OPEN_CLIP_NAME)
-    preprocess_val = _preprocess_val()
     out = []
     with torch.no_grad():
-        for arr, prompt in zip((images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), prompts):
-            image = preprocess_val(Image.fromarray(arr)).unsqueeze(0)
-            outputs = model(image, tokenizer([prompt]))
+        for image, prompt in zip(_official_pixels(images), prompts):
+            outputs = model(image.unsqueeze(0), tokenizer([prompt]))
             logits_per_image = outputs["image_features"] @ outputs["text_features"].T
             out.append(torch.diagonal(logits_per_image)[0])
     return torch.stack(out)
@@ -72,7 +119,7 @@ def test_check_reward_passes(opts) -> None:
 
 def test_card() -> None:
     card = make_reward("hpsv2").card
-    assert card.name == "hpsv2" and card.version == "1"
+    assert card.name == "hpsv2" and card.version == "2"  # 2: the letterbox of issue 18
     assert card.higher_is_better and card.deterministic and card.differentiable
     assert card.weights == "xswu/HPSv2/HPS_v2.1_compressed.pt" and card.license == "Apache-2.0"
     assert "2306.09341" in card.paper and "cosine" in card.score_range
@@ -100,23 +147,73 @@ def test_default_arch_is_vit_h_14() -> None:
 
 
 def test_score_equals_hpsv2_score(ckpt, reward) -> None:
-    images = smooth_images(5, (225, 301), seed=1)  # non-square: crop offset 38.5, rounded by CenterCrop
+    images = smooth_images(5, (225, 301), seed=1)  # non-square: 168x224 letterboxed, padding 28 + 28
     scores = reward(images, PROMPTS).scores
     assert scores.dtype == torch.float32 and scores.shape == (5,)
-    torch.testing.assert_close(scores, _hpsv2_scores(ckpt, images, PROMPTS), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, _hpsv2_scores(ckpt, images, PROMPTS), atol=1e-6, rtol=0)
     assert scores.abs().max() <= 1.0  # a raw cosine: no logit scale although the checkpoint has one
 
 
-def test_preprocessing_is_hpsv2_preprocess_val() -> None:
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_preprocessing_is_hpsv2_preprocess_val(shape) -> None:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     assert tuple(OPENAI_DATASET_MEAN) == CLIP_MEAN and tuple(OPENAI_DATASET_STD) == CLIP_STD
-    images = smooth_images(3, (97, 260), seed=2)
-    preprocess_val = _preprocess_val()
-    expected = torch.stack([preprocess_val(Image.fromarray(a))
-                            for a in (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()])
-    assert expected.shape == (3, 3, 224, 224)
+    images = smooth_images(2, shape, seed=sum(shape))
+    expected = _official_pixels(images)
+    assert expected.shape == (2, 3, 224, 224)
+    # The same torchvision tensor ops on the same float32 values: equal to float32 rounding of the batched
+    # vs per-image calls (observed 0 on this machine; 1e-6 is a few ulps of the normalised range).
     torch.testing.assert_close(hps_pixels(images), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape, content", [((427, 640), (149, 224)), ((768, 512), (224, 149)),
+                                            ((225, 448), (112, 224)), ((224, 160), (224, 160))])
+def test_letterbox_geometry(shape, content) -> None:
+    """The longer side fills 224, the shorter side is centred between black (zero pixel) bars; no crop."""
+    from rlbench.nets.preprocess import letterbox_padding, letterbox_shape
+
+    assert letterbox_shape(*shape, 224) == content
+    left, top, right, bottom = letterbox_padding(*content, 224)
+    assert (top + content[0] + bottom, left + content[1] + right) == (224, 224)
+    assert (top, left) == ((224 - content[0]) // 2, (224 - content[1]) // 2)  # half (floored) before
+    x = hps_pixels(torch.full((1, 3, *shape), 0.5))[0]
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    inside = torch.zeros(224, 224, dtype=torch.bool)
+    inside[top : 224 - bottom, left : 224 - right] = True
+    torch.testing.assert_close(x[:, ~inside], (-mean / std).view(3, 1).expand(3, int((~inside).sum())),
+                               atol=1e-6, rtol=0)  # the bars: pixel 0, normalised
+    grey = (128 / 255 - mean) / std  # 0.5 * 255 = 127.5 rounds (half to even) to the uint8 level 128
+    torch.testing.assert_close(x[:, inside], grey.view(3, 1).expand(3, int(inside.sum())), atol=1e-5, rtol=0)
+
+
+def test_official_transform_passes_long_side_224_unpadded_and_the_model_rejects_it(ckpt) -> None:
+    """Why rlbench pads where ResizeMaxSize does not: hpsv2.score would hand the ViT a 224x160 image.
+    (``ckpt`` registers the tiny open_clip config.)"""
+    import open_clip
+
+    image = Image.fromarray((smooth_images(1, (224, 160))[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    official = _preprocess_val()(image)
+    assert official.shape == (3, 224, 160)
+    model = open_clip.create_model(TINY_OPEN_CLIP_NAME, pretrained=None)
+    with pytest.raises(RuntimeError):
+        model.encode_image(official.unsqueeze(0))
+
+
+@pytest.mark.parametrize("shape", [(768, 512), (427, 640), (225, 448), (224, 160)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_scores_equal_hpsv2_score_on_non_square_images(ckpt, reward, shape) -> None:
+    images = smooth_images(2, shape, seed=sum(shape))
+    torch.testing.assert_close(reward(images, PROMPTS[:2]).scores, _hpsv2_scores(ckpt, images, PROMPTS[:2]),
+                               atol=1e-6, rtol=0)
+
+
+def test_differentiable_pixels_are_the_exact_ones_without_quantisation() -> None:
+    levels = (smooth_images(2, (427, 640), seed=8) * 255).round() / 255  # already uint8 levels
+    x = levels.clone().requires_grad_(True)
+    pixels = hps_pixels(x, exact=False)
+    torch.testing.assert_close(pixels.detach(), hps_pixels(levels), atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad(pixels.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_tokenizer_keeps_the_end_token_of_long_prompts(reward) -> None:

@@ -159,10 +159,10 @@ class _CountingEncoder(torch.nn.Module):
 def test_encode_prompts_encodes_each_distinct_prompt_once(tiny_latent):
     policy = load_policy(str(tiny_latent))
     prompts = ["a cat", "a dog", "a cat", "a cat", "a bird riding a bike", "a dog"]
-    singles = {p: policy.encode_prompts([p]) for p in set(prompts)}
+    singles = {p: policy.encode_prompts([p])["embeds"] for p in set(prompts)}
     counter = _CountingEncoder(policy.text_encoder)
     policy.text_encoder = counter
-    embeds = policy.encode_prompts(prompts)
+    embeds = policy.encode_prompts(prompts)["embeds"]
     assert counter.batch_sizes == [3]
     assert embeds.shape == (len(prompts), 77, TINY_TEXT_HIDDEN_SIZE)
     assert embeds.dtype == torch.float32
@@ -193,13 +193,14 @@ def test_sample_shapes_range_and_reproducibility(tiny_any):
     assert torch.isfinite(ro.log_probs).all()
     assert ro.timesteps.shape == (STEPS,) and ro.timesteps.dtype == torch.int64
     assert bool((ro.timesteps[:-1] > ro.timesteps[1:]).all())  # x_T first
-    assert ro.prompt_embeds.shape == (3, 77, TINY_TEXT_HIDDEN_SIZE)
+    assert ro.prompt_embeds["embeds"].shape == (3, 77, TINY_TEXT_HIDDEN_SIZE)
     # The images are the decoded final latents.
     assert torch.equal(policy.decode(ro.latents[:, -1]), ro.images)
 
     again = _sample(policy, prompts)
-    for name in ("images", "latents", "log_probs", "timesteps", "prompt_embeds"):
+    for name in ("images", "latents", "log_probs", "timesteps", "final"):
         assert torch.equal(getattr(ro, name), getattr(again, name)), name
+    assert torch.equal(ro.prompt_embeds["embeds"], again.prompt_embeds["embeds"])
     other = _sample(policy, prompts, seed=1)
     assert not torch.equal(ro.latents, other.latents)
 
@@ -256,7 +257,7 @@ def test_guided_eps_matches_separate_unet_calls(tiny_latent):
     neg = policy.encode_prompts([""])
     with torch.no_grad():
         cond = policy.unet(x, t, encoder_hidden_states=embeds).sample
-        uncond = policy.unet(x, t, encoder_hidden_states=neg.expand(2, -1, -1)).sample
+        uncond = policy.unet(x, t, encoder_hidden_states=neg["embeds"].expand(2, -1, -1)).sample
         assert torch.equal(policy.guided_eps(x, t, embeds, neg, 1.0), cond)
         for w in (5.0, 0.5):
             torch.testing.assert_close(policy.guided_eps(x, t, embeds, neg, w), uncond + w * (cond - uncond),

@@ -539,7 +539,15 @@ def test_draft_k1_runs_one_grad_unet_call_and_no_gradient_reaches_earlier_steps(
         leaves.append(z)
         return z
 
+    original_step = policy.step_noise
+
+    def step_noise(x, generator):  # every step's z, drawn by the trajectory loop
+        z = original_step(x, generator).requires_grad_(True)
+        leaves.append(z)
+        return z
+
     monkeypatch.setattr(policy, "initial_noise", noise)
+    monkeypatch.setattr(policy, "step_noise", step_noise)
     try:
         x0, _ = draft.sample_with_grad(policy, ["a cat", "a dog"], policy.encode_prompts([""]), 1,
                                        torch.Generator().manual_seed(3))

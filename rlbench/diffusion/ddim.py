@@ -21,15 +21,13 @@ Provenance: adapted from kvablack/ddpo-pytorch (MIT),
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["ddim_step_with_logprob", "ddim_transition"]
+from rlbench.diffusion.gaussian import gaussian_log_prob
 
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+__all__ = ["ddim_step_with_logprob", "ddim_transition", "gaussian_log_prob"]
 
 
 def _timesteps_as_tensor(
@@ -221,16 +219,6 @@ def ddim_step_with_logprob(
         prev_sample = prev_sample.to(sample.dtype)
 
     return prev_sample, gaussian_log_prob(prev_sample, mean, std_dev_t)
-
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``-(x - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)`` averaged over all non-batch dims (B,), float32.
-
-    ``x`` is the action and is detached: the gradient flows only through ``mean`` (ddpo-pytorch).
-    """
-    x = x.detach().float()
-    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 def ddim_transition(

@@ -1,9 +1,15 @@
-"""The diffusion policy: UNet + DDIM scheduler + text encoder (+ VAE for latent models).
+"""The diffusion policy: what every model family shares (:class:`Policy`) and the UNet + DDIM family.
 
-One class, :class:`DiffusionPolicy`, serves every model: the embedded default, any Stable
-Diffusion 1.x/2.x checkpoint in diffusers format (hub id or local folder), and the tiny random
-pipelines of the tests. The DDIM step with log-prob lives in :mod:`rlbench.diffusion.ddim`; this
-module only calls it.
+:class:`Policy` holds what does not depend on the family: the trainable denoiser (LoRA through peft or
+the full module, trainables in float32), placement and dtypes, the rollout through the one trajectory
+loop (:mod:`rlbench.diffusion.trajectory`), the step log-prob and transition the algorithms replay, and
+exact save/load for resume. A family supplies its schedule, conditioning, model call, transition formula
+and decoder.
+
+:class:`DiffusionPolicy` is the UNet + DDIM family: the embedded default, any Stable Diffusion 1.x/2.x
+checkpoint in diffusers format (hub id or local folder), and the tiny random pipelines of the tests. The
+DDIM step with log-prob lives in :mod:`rlbench.diffusion.ddim`. The flow-matching family (SD3/SD3.5,
+FLUX.1) is :class:`rlbench.diffusion.flow_policy.FlowPolicy`.
 
 Trainable parts: LoRA adapters through peft (``train_mode="lora"``, default rank 4 on
 to_q/to_k/to_v/to_out.0, as ddpo-pytorch and trl) or the full UNet. Frozen weights may be fp16/bf16
@@ -15,13 +21,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlbench.diffusion.ddim import ddim_step_with_logprob, ddim_transition, gaussian_log_prob
+from rlbench.diffusion.base import BaseWeights, Policy, Rollout, _missing_weights_message  # noqa: F401 (re-exported)
+from rlbench.diffusion.conditioning import Conditioning, as_conditioning
+from rlbench.diffusion.ddim import ddim_transition
+from rlbench.diffusion.sampler import Sampler
 from rlbench.errors import ConfigError, UnknownNameError, WeightsNotAvailable
 from rlbench.registry import MODELS
 from rlbench.utils.hf import quiet_hf
@@ -31,64 +39,11 @@ from rlbench.weights import is_offline
 RLBENCH_MODEL_FILE = "rlbench.json"  # optional model-folder metadata: pixel_shuffle, default_prompts
 
 
-@dataclass
-class Rollout:
-    """What sampling returns: images plus the whole trajectory (per-process, on the policy device).
+class DiffusionPolicy(Policy):
+    """The UNet + DDIM family: SD 1.x/2.x, the shapes model, any UNet2DConditionModel pipeline."""
 
-    Shapes: images (B,3,H,W) float32 in [0,1]; latents (B,T+1,C,h,w) float32 (x_T ... x_0);
-    log_probs (B,T) float32; timesteps (T,) int64; prompt_embeds (B,L,D).
-    """
-
-    images: torch.Tensor
-    latents: torch.Tensor
-    log_probs: torch.Tensor
-    timesteps: torch.Tensor
-    prompt_embeds: torch.Tensor
-
-
-class BaseWeights:
-    """The base model's values of a policy's trainable tensors, swapped in and out without copies.
-
-    Made right after ``setup_training`` (before any checkpoint is loaded): for full fine-tuning these
-    are the pretrained UNet weights; for LoRA the fresh adapters, whose B matrices are zero, so the
-    adapted UNet computes exactly the base model. :meth:`active` swaps the tensors' storage
-    (``param.data``) in O(1) per tensor, so evaluating the base model at every step costs only its
-    forward pass.
-    """
-
-    def __init__(self, policy: Any, state: dict[str, torch.Tensor] | None = None) -> None:
-        params = dict(policy.unet.named_parameters())
-        names = [n for n, p in params.items() if p.requires_grad] if state is None else list(state)
-        if state is None:
-            state = {n: params[n].detach().clone() for n in names}
-        missing = [n for n in names if n not in params]
-        if missing:
-            raise ValueError(f"base state names parameters the policy lacks: {missing[:3]}")
-        self.policy = policy
-        self.params = [params[n] for n in names]
-        self.tensors = [state[n].to(device=params[n].device, dtype=params[n].dtype) for n in names]
-
-    def restore(self) -> None:
-        """Copy the base values into the policy (make the policy the base model)."""
-        with torch.no_grad():
-            for p, t in zip(self.params, self.tensors):
-                p.copy_(t)
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        """Within the block the policy computes the base model (its own tensors are put back after)."""
-        for p, t in zip(self.params, self.tensors):
-            p.data, t.data = t.data, p.data
-        try:
-            yield
-        finally:
-            for p, t in zip(self.params, self.tensors):
-                p.data, t.data = t.data, p.data
-
-
-
-class DiffusionPolicy:
-    """A text-to-image diffusion model viewed as a policy over denoising steps."""
+    family = "ddim"
+    default_sampler = "ddim"
 
     def __init__(
         self,
@@ -109,24 +64,18 @@ class DiffusionPolicy:
         """
         from diffusers import DDIMScheduler
 
-        self.unet = unet
         # DDPO's policy is the stochastic DDIM step; any scheduler config converts to DDIM.
         self.scheduler = scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae
-        self.name = name
-        self.default_prompts = default_prompts
         if pixel_shuffle < 1 or (pixel_shuffle > 1 and vae is not None):
             raise ConfigError(f"pixel_shuffle must be >= 1 and only applies to models without a VAE, got {pixel_shuffle}.")
         self.pixel_shuffle = pixel_shuffle
-        self.train_mode = "frozen"
-        self.lora_config: dict[str, Any] | None = None
-        self._forward = unet  # what forward passes call: the UNet, or its DDP wrapper after prepare()
-        self._dtype: torch.dtype | None = None
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
-        self.unet.requires_grad_(False)
+        self._init_common(unet, name, default_prompts)
+
+    def _frozen_modules(self) -> list[Any]:
+        return [m for m in (self.text_encoder, self.vae) if m is not None]
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -175,77 +124,6 @@ class DiffusionPolicy:
             except Exception as exc:
                 raise WeightsNotAvailable(_missing_weights_message(source, revision) + f" ({exc})") from exc
 
-    # -- trainable parameters -----------------------------------------------------------------------
-    def setup_training(self, train_mode: str = "lora", rank: int = 4, alpha: float = 4.0,
-                       targets: list[str] | tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> None:
-        """Make LoRA adapters (peft) or the full UNet trainable, in float32."""
-        if train_mode == "lora":
-            from peft import LoraConfig
-
-            config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
-            try:
-                self.unet.add_adapter(config)
-            except ValueError as exc:
-                raise ConfigError(f"model.lora_targets {list(targets)} do not match UNet modules: {exc}") from exc
-            self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
-        elif train_mode == "full":
-            self.unet.requires_grad_(True)
-        else:
-            raise ConfigError(f"model.train_mode must be 'lora' or 'full', got {train_mode!r}.")
-        for p in self.unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        self.train_mode = train_mode
-        self._dtype = None
-
-    def prepare(self, accelerator: Any) -> None:
-        """Let ``accelerator`` wrap the UNet (DDP when distributed); forward passes go through the wrapper,
-        so gradients of every process are really all-reduced (early ddpo-pytorch and trl bypassed it)."""
-        self._forward = accelerator.prepare(self.unet)
-
-    @property
-    def forward_module(self) -> Any:
-        """The module forward passes run through (the DDP wrapper after :meth:`prepare`), for ``no_sync``."""
-        return self._forward
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def named_trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.unet.named_parameters() if p.requires_grad}
-
-    # -- placement ----------------------------------------------------------------------------------
-    def _frozen_modules(self) -> list[Any]:
-        return [m for m in (self.text_encoder, self.vae) if m is not None]
-
-    def to(self, device: torch.device | str, frozen_dtype: torch.dtype = torch.float32) -> DiffusionPolicy:
-        """Move to ``device``; frozen weights in ``frozen_dtype``, trainable ones stay float32."""
-        for module in [*self._frozen_modules(), self.unet]:
-            module.to(device=device)
-        # Keep the trainable tensors aside so a cast of the UNet does not round them through
-        # frozen_dtype (trained LoRA weights would lose precision on a fp16/bf16 round trip).
-        trainable = [(p, p.data) for p in self.unet.parameters() if p.requires_grad]
-        for module in [*self._frozen_modules(), self.unet]:
-            if module.dtype != frozen_dtype:
-                module.to(dtype=frozen_dtype)
-        for p, data in trainable:
-            p.data = data.float()
-        self._dtype = None
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """dtype of the frozen UNet weights (inputs are cast to it); the first frozen parameter decides,
-        found without walking every parameter (this is read on every UNet call)."""
-        if self._dtype is None:  # cached: read on every UNet call; to() and setup_training() reset it
-            frozen = next((p for p in self.unet.parameters() if not p.requires_grad), None)
-            self._dtype = (frozen if frozen is not None else next(self.unet.parameters())).dtype
-        return self._dtype
-
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
@@ -259,8 +137,9 @@ class DiffusionPolicy:
 
     # -- text -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) text embeddings; each distinct prompt is encoded once per call."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """The prompts' conditioning: (B, L, D) text embeddings as ``embeds``; each distinct prompt is encoded
+        once per call."""
         unique = list(dict.fromkeys(prompts))
         ids = self.tokenizer(
             unique, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -268,7 +147,7 @@ class DiffusionPolicy:
         ).input_ids.to(self.device)
         embeds = self.text_encoder(ids)[0].to(self.dtype)
         index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
-        return embeds[index]
+        return Conditioning({"embeds": embeds[index]})
 
     # -- denoising --------------------------------------------------------------------------------------
     def guided_eps(self, latents: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor,
@@ -278,6 +157,7 @@ class DiffusionPolicy:
         This guided output is what DDPO trains (paper App. E.1). Gradients flow when enabled.
         """
         b = latents.shape[0]
+        embeds, neg_embeds = as_conditioning(embeds)["embeds"], as_conditioning(neg_embeds)["embeds"]
         t = torch.as_tensor(t, device=latents.device)
         t = t.expand(b) if t.ndim == 0 else t
         x = latents.to(self.dtype)
@@ -288,10 +168,68 @@ class DiffusionPolicy:
         uncond, cond = out.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents -> images (B,3,H,W) float32 in [0,1]."""
-        return self.decode_differentiable(latents)
+    def model_output(self, latents: torch.Tensor, t: torch.Tensor, cond: Any, neg: Any,
+                     guidance_scale: float) -> torch.Tensor:
+        """The trajectory loop's model call: the guided epsilon (:meth:`guided_eps`)."""
+        return self.guided_eps(latents, t, cond, neg, guidance_scale)
+
+    # -- the DDIM schedule and step ---------------------------------------------------------------------
+    def schedule(self, num_steps: int) -> torch.Tensor:
+        """Set the DDIM schedule for ``num_steps`` steps; the step keys are its timesteps (T,) int64, x_T first."""
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        return self.scheduler.timesteps
+
+    def start_latents(self, n: int, generator: Any, initial_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T: standard-normal draws (or ``initial_noise``) times the scheduler's ``init_noise_sigma``."""
+        noise = self.initial_noise(n, generator) if initial_noise is None else initial_noise
+        return noise.to(device=self.device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+
+    def step_from_output(self, out: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
+                         sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DDIM transition's mean and std from the guided epsilon (:func:`~rlbench.diffusion.ddim.ddim_transition`)."""
+        return ddim_transition(self.scheduler, out, t, latents, sampler.noise)
+
+    @contextmanager
+    def keeping_schedule(self) -> Iterator[None]:
+        steps = self.scheduler.num_inference_steps
+        try:
+            yield
+        finally:
+            if steps:
+                self.scheduler.set_timesteps(steps, device=self.device)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The forward process at timestep(s) ``t``: ``sqrt(a_t) x0 + sqrt(1 - a_t) noise``."""
+        return self.scheduler.add_noise(x0, noise, t.reshape(-1) if torch.as_tensor(t).ndim == 0 else t)
+
+    def last_key(self) -> torch.Tensor:
+        """The key of the schedule's last step (DRaFT-LV re-noises x_0 to it)."""
+        return self.scheduler.timesteps[-1]
+
+    def predict_x0(self, out: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The clean latents the model output predicts at timestep(s) ``t`` (float32; affine in ``out``):
+        epsilon ``(x - sqrt(1 - a_t) eps) / sqrt(a_t)``, v ``sqrt(a_t) x - sqrt(1 - a_t) v``, or the sample
+        itself (``DDIMScheduler.step`` step 3)."""
+        a = self.scheduler.alphas_cumprod.to(device=x_t.device, dtype=torch.float32)[torch.as_tensor(t).long()]
+        a = a.reshape(-1, *([1] * (x_t.ndim - 1))) if a.ndim else a
+        out, x = out.float(), x_t.float()
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return (x - (1 - a) ** 0.5 * out) / a**0.5
+        if kind == "v_prediction":
+            return a**0.5 * x - (1 - a) ** 0.5 * out
+        return out
+
+    def regression_pair(self, x0: torch.Tensor, generator: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, target) of the denoising loss on clean latents ``x0`` (RWR): t uniform over the training
+        timesteps (jannerm/ddpo), target the noise (or the velocity for v-prediction models)."""
+        sched = self.scheduler
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x_t = sched.add_noise(x0, noise, t)
+        target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        return x_t, t, target
 
     def decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` with gradients (when enabled) flowing back into ``latents``, through the VAE
@@ -302,72 +240,6 @@ class DiffusionPolicy:
             x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
-    @torch.no_grad()
-    def sample(self, prompts: list[str], *, num_steps: int, eta: float, guidance_scale: float,
-               generator: torch.Generator, negative_prompt: str = "", prompt_embeds: torch.Tensor | None = None,
-               neg_embeds: torch.Tensor | None = None, initial_noise: torch.Tensor | None = None) -> Rollout:
-        """Sample images for ``prompts`` with the stochastic DDIM policy, keeping the trajectory.
-
-        Noise comes from ``generator`` (a CPU generator makes runs reproducible across devices);
-        ``initial_noise`` (B, C, h, w), if given, is x_T's standard-normal draw instead (e.g. shared
-        within a GRPO group), and only the steps' noise comes from ``generator``.
-        """
-        embeds = self.encode_prompts(prompts) if prompt_embeds is None else prompt_embeds
-        neg = self.encode_prompts([negative_prompt]) if neg_embeds is None else neg_embeds
-        self.scheduler.set_timesteps(num_steps, device=self.device)
-        timesteps = self.scheduler.timesteps
-        if initial_noise is None:
-            initial_noise = self.initial_noise(len(prompts), generator)
-        elif tuple(initial_noise.shape) != (len(prompts), *self.latent_shape):
-            raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected "
-                             f"{(len(prompts), *self.latent_shape)}")
-        latents = initial_noise.to(device=self.device, dtype=torch.float32) * self.scheduler.init_noise_sigma
-        all_latents, all_log_probs = [latents], []
-        for t in timesteps:
-            eps = self.guided_eps(latents, t, embeds, neg, guidance_scale)
-            latents, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, latents, eta=eta, generator=generator)
-            all_latents.append(latents)
-            all_log_probs.append(log_prob)
-        return Rollout(
-            images=self.decode(latents),
-            latents=torch.stack(all_latents, dim=1),
-            log_probs=torch.stack(all_log_probs, dim=1),
-            timesteps=timesteps.clone(),
-            prompt_embeds=embeds,
-        )
-
-    def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` standard-normal x_T draws (before ``init_noise_sigma``), as :meth:`sample` draws them."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        return randn_tensor((n, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
-
-    def transition(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, neg_embeds: torch.Tensor,
-                   guidance_scale: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of the policy's step ``p(x_{t-1} | x_t) = N(mean, std^2 I)`` under the current weights
-        (gradients flow into the mean when enabled)."""
-        eps = self.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
-        return ddim_transition(self.scheduler, eps, t, latents, eta)
-
-    def step_log_prob(self, latents: torch.Tensor, t: torch.Tensor, next_latents: torch.Tensor,
-                      embeds: torch.Tensor, neg_embeds: torch.Tensor, guidance_scale: float, eta: float) -> torch.Tensor:
-        """Log-prob of the stored action ``next_latents`` at (latents, t) under the current weights."""
-        eps = self.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
-        _, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, latents, eta=eta, prev_sample=next_latents)
-        return log_prob
-
-    def step_log_prob_and_mean(self, latents: torch.Tensor, t: torch.Tensor, next_latents: torch.Tensor,
-                               embeds: torch.Tensor, neg_embeds: torch.Tensor, guidance_scale: float, eta: float
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log-prob of ``next_latents``, the step's mean, its std): :meth:`step_log_prob` plus what a KL
-        penalty needs; the same numbers (one formula, :func:`~rlbench.diffusion.ddim.gaussian_log_prob`)."""
-        mean, std = self.transition(latents, t, embeds, neg_embeds, guidance_scale, eta)
-        if bool((std <= 0).any()):
-            raise ValueError("a trained step has sigma_t = 0 (eta = 0 or the last step of a set_alpha_to_one "
-                             "scheduler): it has no density")
-        return gaussian_log_prob(next_latents.to(latents.dtype), mean, std), mean, std
-
-    # -- saving ---------------------------------------------------------------------------------------
     def save_trained(self, folder: Path) -> None:
         """Write the trained weights in the format plain diffusers loads.
 
@@ -376,87 +248,60 @@ class DiffusionPolicy:
         """
         if self.train_mode == "lora":
             from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
 
-            state = get_peft_model_state_dict(self.unet)
-            # The file carries no lora_alpha, and loaders then use alpha = rank (scale 1): fold the
-            # peft scale alpha / r into B so every loader computes what this model computes.
-            scale = self.lora_config["lora_alpha"] / self.lora_config["r"] if self.lora_config else 1.0
-            if scale != 1.0:
-                state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
-            layers = convert_state_dict_to_diffusers(state)
-            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=self._lora_layers_for_saving(),
+                                                      safe_serialization=True)
         else:
-            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-
-    def save_state(self, folder: Path) -> None:
-        """Exact trainable state for resume (safetensors), plus :meth:`save_trained`'s files."""
-        from safetensors.torch import save_file
-
-        save_file({n: t.contiguous().cpu() for n, t in self.named_trainable_state().items()},
-                  str(folder / "trainable.safetensors"))
-        self.save_trained(folder)
-
-    def load_state(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        from rlbench.errors import RunDirError
-
-        path = Path(folder) / "trainable.safetensors"
-        try:
-            state = load_file(str(path))
-        except Exception as exc:  # safetensors raises SafetensorError on a damaged file, OSError on a missing one
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise RunDirError(
-                f"{path} cannot be read ({type(exc).__name__}: {first}); the checkpoint is damaged. Move "
-                f"{Path(folder).name} out of {Path(folder).parent} to use the checkpoint before it."
-            ) from exc
-        params = dict(self.unet.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ConfigError(
-                f"checkpoint {folder} does not match the model's trainable parameters "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}); was it trained with another model or train_mode?"
-            )
-        wrong = sorted(n for n, t in state.items() if t.shape != params[n].shape)
-        if wrong:
-            raise ConfigError(
-                f"checkpoint {folder} has trainable parameters of other shapes than the model's "
-                f"(e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(params[wrong[0]].shape)}); "
-                "was it trained with another model or model.lora_rank?"
-            )
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t.to(params[n].device))
-
-
-def _missing_weights_message(source: str, revision: str | None) -> str:
-    rev = f" --revision {revision}" if revision else ""
-    return (
-        f"model weights for '{source}' are not in the local Hugging Face cache and cannot be downloaded "
-        f"(offline). Fetch them on a connected machine with `hf download {source}{rev}` (the same cache "
-        "is used), or pass --model /path/to/a/diffusers-folder."
-    )
+            self.denoiser.save_pretrained(folder / "unet", safe_serialization=True)
 
 
 # -- the model registry's front door -----------------------------------------------------------------
 
 
-def load_policy(name: str, revision: str = "") -> DiffusionPolicy:
-    """A registered model name, a local diffusers folder, or a hub id (``org/name``)."""
+def load_policy(name: str, revision: str = "") -> Policy:
+    """A registered model name, a local diffusers folder, or a hub id (``org/name``).
+
+    The family follows the folder's ``model_index.json``: a ``StableDiffusion3Pipeline`` or ``FluxPipeline`` loads
+    as a :class:`~rlbench.diffusion.flow_policy.FlowPolicy`, anything else as a UNet :class:`DiffusionPolicy`.
+    """
+    from rlbench.diffusion.sampler import pipeline_kind
+
     if name in MODELS:
-        return MODELS.make(name, {"revision": revision} if revision else {}, returns=DiffusionPolicy)
+        return MODELS.make(name, {"revision": revision} if revision else {}, returns=Policy)
     path = Path(name).expanduser()
     if path.exists():
+        kind = pipeline_kind(path)
+        if kind in ("sd3", "flux"):
+            from rlbench.diffusion.flow_policy import FlowPolicy
+
+            return FlowPolicy.from_pretrained(path, kind, name=str(path))
         return DiffusionPolicy.from_pretrained(path, name=str(path))
     if _looks_like_hub_id(name):
+        kind = pipeline_kind(name) or _hub_kind(name, revision)
+        if kind in ("sd3", "flux"):
+            from rlbench.diffusion.flow_policy import FlowPolicy
+
+            return FlowPolicy.from_pretrained(name, kind, revision=revision or None)
         return DiffusionPolicy.from_pretrained(name, revision=revision or None)
     raise UnknownNameError(
-        MODELS.unknown_message(name) + " Or give a diffusers folder (with unet/, scheduler/, text_encoder/, "
-        "tokenizer/) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
+        MODELS.unknown_message(name) + " Or give a diffusers folder (with unet/ or transformer/, scheduler/, "
+        "text encoders, tokenizers) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
     )
+
+
+def _hub_kind(name: str, revision: str) -> str | None:
+    """The pipeline kind of a hub id not in the cache, from its model_index.json when online (None offline)."""
+    if is_offline():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from rlbench.diffusion.sampler import pipeline_kind
+
+        folder = Path(hf_hub_download(name, "model_index.json", revision=revision or None)).parent
+        return pipeline_kind(folder)
+    except Exception:  # no such repo or no network: the loader names it
+        return None
 
 
 def _looks_like_hub_id(name: str) -> bool:

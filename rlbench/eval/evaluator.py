@@ -109,8 +109,8 @@ def checkpoint_identity(run: RunPlan, epoch: int) -> dict[str, Any]:
             "lora": [run.lora[0], run.lora[1], list(run.lora[2])] if run.train_mode == "lora" else None}
 
 
-def sample_items(policy: Any, items: Sequence[Item], *, steps: int, eta: float, guidance: float,
-                 neg_embeds: Any, base: Any, kl_eta: float | None, cache: NoCache, store: ImageStore,
+def sample_items(policy: Any, items: Sequence[Item], *, steps: int, eta: Any, guidance: float,
+                 neg_embeds: Any, base: Any, kl_eta: Any, cache: NoCache, store: ImageStore,
                  batch_size: int, advance: Advance, found: Mapping[str, dict[str, Any]] | None = None,
                  ) -> dict[str, dict[str, Any]]:
     """Sample ``items`` not in the cache (batches of ``batch_size``, all prompts mixed: one UNet call per
@@ -125,8 +125,10 @@ def sample_items(policy: Any, items: Sequence[Item], *, steps: int, eta: float, 
     todo = list({it.key: it for it in items if it.key not in out}.values())
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
+        # eta / kl_eta: a DDIM eta or a Sampler (the eval sampler; the run's sampler whose KL is measured)
         batch = sample_paired(policy, [it.prompt for it in chunk], [it.seed for it in chunk], num_steps=steps,
-                              eta=eta, guidance_scale=guidance, neg_embeds=neg_embeds, base=base, kl_eta=kl_eta)
+                              sampler=policy.as_sampler(eta), guidance_scale=guidance, neg_embeds=neg_embeds,
+                              base=base, kl_sampler=None if kl_eta is None else policy.as_sampler(kl_eta))
         rows = []
         for i, it in enumerate(chunk):
             image = batch.images[i]
@@ -160,7 +162,7 @@ def _load_policy(run: RunPlan, device: str):
     with torch.random.fork_rng(devices=[]):  # LoRA's random init must not move the caller's RNG
         policy.setup_training(run.train_mode, run.lora[0], run.lora[1], list(run.lora[2]))
     policy.to(device)
-    policy.unet.eval()
+    policy.denoiser.eval()
     return policy, BaseWeights(policy)
 
 
@@ -173,10 +175,12 @@ def _sample_all(plan: EvalPlan, cache: NoCache, store: ImageStore, batch_size: i
     records: list[dict[str, Any]] = []
     work = []  # (run, checkpoint, items, per-record list)
     for run in plan.runs:
-        kl_eta = kl_eta_for(run.train_eta)
+        kl_eta = kl_eta_for(run.train_eta) if run.train_sampler is None or run.train_sampler.stochastic else None
         for c in run.checkpoints:
             ident = model_identity(run.model, run.revision) if c == 0 else checkpoint_identity(run, c)
             settings = [run.steps, run.eta, run.guidance, run.negative_prompt, kl_eta if c else None]
+            if run.sampler is not None and run.sampler.family != "ddim":  # DDIM keys stay as they were
+                settings += [repr(run.sampler), repr(run.train_sampler)]
             items: dict[str, Item] = {}
             recs = []
             for ps in plan.prompt_sets:
@@ -209,9 +213,11 @@ def _sample_all(plan: EvalPlan, cache: NoCache, store: ImageStore, batch_size: i
             neg = policy.encode_prompts([run.negative_prompt])
         kl_eta = recs[0]["kl_eta"] if recs else None
         advance(len(found))
-        got = sample_items(policy, [it for it in items if it.key not in found], steps=run.steps, eta=run.eta,
+        eval_sampler = run.sampler if run.sampler is not None else run.eta
+        kl_sampler = (run.train_sampler if run.train_sampler is not None else kl_eta) if kl_eta else None
+        got = sample_items(policy, [it for it in items if it.key not in found], steps=run.steps, eta=eval_sampler,
                            guidance=run.guidance, neg_embeds=neg if missing else None,
-                           base=base if c else None, kl_eta=kl_eta if c else None, cache=cache, store=store,
+                           base=base if c else None, kl_eta=kl_sampler if c else None, cache=cache, store=store,
                            batch_size=batch_size, advance=advance, found={})
         for key, row in found.items():
             store.put(row["hash"], png=row["png"])
@@ -316,6 +322,7 @@ def evaluate(
     features: str | None = None,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
+    sampler: str | None = None,
 ) -> EvalResult:
     """Evaluate runs: sample every chosen checkpoint (the base model is checkpoint 0) on the prompt sets
     with paired noise, score with the rewards, and write data, tables, plots and ``report.html`` to ``out``.
@@ -335,6 +342,8 @@ def evaluate(
         seed: the eval seed; with the prompt and the image index it fixes every image's noise.
         eta, steps, guidance: sampler settings (default: each run's own); ``eta=0`` is the deterministic
             DDIM sampler.
+        sampler: flow-matching runs: the sampler to evaluate with (default: the run's own; ``ode`` is the
+            deterministic Euler sampler peers report with).
         cache: cache folder (default ``$RLBENCH_CACHE_DIR`` or ``~/.cache/rlbench/eval``); False: none.
         features: diversity features: ``shapes-clip``, a Hugging Face CLIP id, ``pixels`` or ``none``
             (default: what the model declares, else ``openai/clip-vit-base-patch32`` if cached).
@@ -353,7 +362,7 @@ def evaluate(
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}.")
     plan = make_plan(run_dirs, rewards, prompts, checkpoints, images_per_prompt, prompts_per_set, seed, eta, steps,
-                     guidance, features)
+                     guidance, features, sampler)
     out_path = check_out(out, overwrite)
     store_cache = NoCache() if cache is False else EvalCache(None if cache in (None, True) else cache)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -462,7 +471,7 @@ def evaluate_policy(
     *,
     seed: int = 0,
     steps: int,
-    eta: float,
+    eta: float = 1.0,
     guidance: float,
     images_per_prompt: int = 2,
     prompts_per_set: int | None = 8,
@@ -470,6 +479,8 @@ def evaluate_policy(
     negative_prompt: str = "",
     base: Any = None,
     kl_eta: float | None = None,
+    sampler: Any = None,
+    kl_sampler: Any = None,
 ) -> PolicyEval:
     """Evaluate an in-memory policy with the harness's sampling and scoring (no cache, nothing written).
 
@@ -513,17 +524,19 @@ def evaluate_policy(
                 items.setdefault(key, Item(key, prompt, k, s))
                 records.append({"prompt_set": ps.name, "prompt": prompt, "metadata": meta_json(metadata),
                                 "image_index": k, "sample_seed": s, "key": key})
-    with_kl = base is not None and kl_eta is not None and kl_eta > 0
-    training, inference_steps = policy.unet.training, policy.scheduler.num_inference_steps
-    policy.unet.eval()
-    try:
-        got = sample_items(policy, list(items.values()), steps=steps, eta=eta, guidance=guidance, neg_embeds=neg,
-                           base=base if with_kl else None, kl_eta=kl_eta if with_kl else None, cache=cache,
-                           store=store, batch_size=batch_size, advance=lambda n: None, found={})
-    finally:  # leave the policy as the caller had it (train mode, the scheduler's step count)
-        policy.unet.train(training)
-        if inference_steps:
-            policy.scheduler.set_timesteps(inference_steps, device=policy.device)
+    if kl_sampler is None and kl_eta is not None and kl_eta > 0:
+        kl_sampler = kl_eta
+    with_kl = base is not None and kl_sampler is not None and policy.as_sampler(kl_sampler).stochastic
+    training = policy.denoiser.training
+    policy.denoiser.eval()
+    try:  # leave the policy as the caller had it (train mode, the schedule's step count)
+        with policy.keeping_schedule():
+            got = sample_items(policy, list(items.values()), steps=steps, eta=sampler if sampler is not None else eta,
+                               guidance=guidance, neg_embeds=neg, base=base if with_kl else None,
+                               kl_eta=kl_sampler if with_kl else None, cache=cache, store=store,
+                               batch_size=batch_size, advance=lambda n: None, found={})
+    finally:
+        policy.denoiser.train(training)
     entries = [(got[r["key"]]["hash"], r["prompt"], r["metadata"]) for r in records]
     scores = score_entries(specs, reward_objs, entries, store, cache, batch_size)
     rows = [{"prompt_set": r["prompt_set"], "prompt": r["prompt"], "image_index": r["image_index"],

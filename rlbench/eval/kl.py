@@ -21,20 +21,7 @@ with ``set_alpha_to_one``) have no density and are left out of the sum (counted 
 
 from __future__ import annotations
 
-import torch
-
-
-def transition_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor | None:
-    """Per-sample ``sum over dims ||mean_a - mean_b||^2 / (2 std^2)`` in float64; None where std is 0.
-
-    ``std`` is a scalar (one timestep for the batch) or broadcasts as ``(B, 1, ..., 1)``.
-    """
-    std = torch.as_tensor(std, device=mean_a.device, dtype=torch.float64)
-    if bool((std <= 0).any()):
-        return None
-    diff = (mean_a.double() - mean_b.double()).flatten(1)
-    sq = diff.pow(2).sum(dim=1)
-    return sq / (2 * std.reshape(-1) ** 2) if std.ndim else sq / (2 * std**2)
+from rlbench.diffusion.gaussian import transition_kl  # noqa: F401  (the one Gaussian KL; re-exported)
 
 
 def kl_eta_for(train_eta: float) -> float | None:

@@ -130,6 +130,9 @@ class RunPlan:
     reward_queries: dict[int, int]
     watch: list[str]
     config: str  # what identifies the configuration apart from the seed (groups seeds)
+    # The eval sampler and the run's own (its KL is measured for the latter); eta / train_eta are their noise levels.
+    sampler: Any = None
+    train_sampler: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "run"}
@@ -212,8 +215,46 @@ def _reward_queries(run: RunDir, epochs: list[int]) -> dict[int, int]:
     return out
 
 
+def run_samplers(v: Any, model: str, eta: float | None, sampler: str | None) -> tuple[Any, Any]:
+    """(the eval sampler, the run's training sampler) from a run's config values ``v(section, key)``.
+
+    Default: the run's own sampler. DDIM runs: ``eta`` (0 = the deterministic DDIM sampler). Flow runs:
+    ``sampler`` names another sampler of the family (``ode``: the deterministic Euler sampler peers report with;
+    another SDE at its default noise level); ``eta`` does not apply.
+    """
+    from rlbench.diffusion.sampler import (DEFAULT_NOISE, DEFAULT_SAMPLER, FAMILY_SAMPLERS, Sampler,
+                                           family_of_sampler, model_family)
+
+    name = v("sample", "sampler") or ""
+    family = model_family(model) or (family_of_sampler(name) if name else "ddim")
+    name = name or DEFAULT_SAMPLER[family]
+    noise = float(v("sample", "eta")) if family == "ddim" else float(v("sample", "noise_level"))
+    rng = list(v("sample", "sde_window_range") or []) + [0, 0]
+    train = Sampler(name, noise, int(v("sample", "sde_window") or 0), int(rng[0]), int(rng[1]),
+                    int(v("sample", "sde_window_shift_every") or 0))
+    if sampler:
+        try:
+            fam = family_of_sampler(sampler)
+        except ConfigError as exc:
+            raise InputError(f"--sampler: {exc}") from exc
+        if fam != family:
+            raise InputError(f"--sampler {sampler!r} is a {fam} sampler; {model!r} is a {family} model, whose samplers "
+                             f"are {', '.join(FAMILY_SAMPLERS[family])}.")
+    if family == "ddim":
+        e = float(eta) if eta is not None else noise
+        if not 0.0 <= e <= 1.0:
+            raise InputError(f"--eta must be in [0, 1] (0: the deterministic DDIM sampler), got {e}.")
+        return Sampler("ddim", e), train
+    if eta is not None:
+        raise InputError(f"--eta is the DDIM sampler's; {model!r} is a flow-matching model: choose its sampler with "
+                         "--sampler (ode, or the run's own by default).")
+    if not sampler or sampler == train.name:
+        return train, train
+    return Sampler(sampler, DEFAULT_NOISE[sampler]), train
+
+
 def plan_run(path: str | Path, checkpoints: Any, steps: int | None, eta: float | None,
-             guidance: float | None) -> tuple[RunPlan, str, dict[str, Any]]:
+             guidance: float | None, sampler: str | None = None) -> tuple[RunPlan, str, dict[str, Any]]:
     """The run's plan, its trained reward's name and options."""
     run = RunDir.open(path)
     cfg = run.read_config()
@@ -238,10 +279,8 @@ def plan_run(path: str | Path, checkpoints: Any, steps: int | None, eta: float |
         from rlbench.config import model_presets
 
         prompts = model_presets(model).get("prompts.name") or "simple-animals"
-    train_eta = float(v("sample", "eta"))
-    e = float(eta) if eta is not None else train_eta
-    if not 0.0 <= e <= 1.0:
-        raise InputError(f"--eta must be in [0, 1] (0: the deterministic DDIM sampler), got {e}.")
+    eval_sampler, train_sampler = run_samplers(v, model, eta, sampler)
+    train_eta, e = train_sampler.noise, eval_sampler.noise
     s = int(steps) if steps is not None else int(v("sample", "num_steps"))
     if s < 1:
         raise InputError(f"--steps must be >= 1, got {s}.")
@@ -256,7 +295,7 @@ def plan_run(path: str | Path, checkpoints: Any, steps: int | None, eta: float |
         model=model, revision=v("model", "revision") or "", train_mode=train_mode, lora=lora,
         train_prompts=prompts, steps=s, eta=e, guidance=g, negative_prompt=v("sample", "negative_prompt"),
         train_eta=train_eta, checkpoints=chosen, available=available, reward_queries=_reward_queries(run, chosen[1:]),
-        watch=list(v("logging", "watch") or []), config=config,
+        watch=list(v("logging", "watch") or []), config=config, sampler=eval_sampler, train_sampler=train_sampler,
     ), reward_name, reward_options
 
 
@@ -280,6 +319,7 @@ def make_plan(
     steps: int | None = None,
     guidance: float | None = None,
     features: str | None = None,
+    sampler: str | None = None,
 ) -> EvalPlan:
     """Resolve and check everything an evaluation needs; raises one :class:`RLBenchError` on bad input."""
     from rlbench.prompts import load_prompts
@@ -293,7 +333,7 @@ def make_plan(
         raise InputError(f"--prompts-per-set must be >= 0 (0: every prompt), got {prompts_per_set}.")
     plans, trained_specs = [], []
     for path in run_dirs:
-        plan, reward_name, reward_options = plan_run(path, checkpoints, steps, eta, guidance)
+        plan, reward_name, reward_options = plan_run(path, checkpoints, steps, eta, guidance, sampler)
         plans.append(plan)
         trained_specs.append(reward_specs(reward_name, reward_options, "trained"))
     names = [p.name for p in plans]

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlbench.diffusion.ddim import ddim_step_with_logprob, ddim_transition
+from rlbench.diffusion.conditioning import as_conditioning
 from rlbench.diffusion.policy import BaseWeights
-from rlbench.eval.kl import transition_kl
+from rlbench.diffusion.sampler import Sampler
+from rlbench.diffusion.trajectory import sample_trajectory
 from rlbench.utils.images import to_uint8
 
 
@@ -57,47 +58,36 @@ def sample_paired(
     seeds: Sequence[int],
     *,
     num_steps: int,
-    eta: float,
+    eta: float | None = None,
     guidance_scale: float,
-    neg_embeds: torch.Tensor,
+    neg_embeds: Any,
     base: BaseWeights | None = None,
     kl_eta: float | None = None,
+    sampler: Sampler | None = None,
+    kl_sampler: Sampler | None = None,
 ) -> SampledBatch:
     """Sample one image per (prompt, seed) with per-image generators; optionally the KL from ``base``.
 
-    ``eta > 0``: the stochastic DDIM policy (:func:`~rlbench.diffusion.ddim.ddim_step_with_logprob`,
-    per-step noise from each image's generator); ``eta = 0``: the deterministic DDIM (ODE) sampler.
-    With ``base`` and ``kl_eta > 0``, at every step the KL between ``N(mu_policy, s^2 I)`` and
-    ``N(mu_base, s^2 I)`` with ``s = sigma_t(kl_eta)`` is added, both means taken at the current state.
+    ``sampler`` (or for the DDIM family ``eta``; 0 = the deterministic sampler) chooses the transition, through
+    the one trajectory loop (:func:`~rlbench.diffusion.trajectory.sample_trajectory`). With ``base`` and a
+    stochastic ``kl_sampler`` (or ``kl_eta > 0``), at every stochastic step of it the KL between its transitions
+    under the policy and under the base model, both taken at the current state, is added. A windowed sampler
+    evaluates with its window at the first allowed step, and every step draws its noise, so images stay paired.
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    device = policy.device
+    sampler = policy.as_sampler(sampler if sampler is not None else eta)
+    if kl_sampler is None and kl_eta is not None and kl_eta > 0:
+        kl_sampler = policy.as_sampler(kl_eta)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    embeds = policy.encode_prompts(list(prompts))
-    scheduler = policy.scheduler
-    scheduler.set_timesteps(num_steps, device=device)
-    latents = randn_tensor((len(prompts), *policy.latent_shape), generator=generators, device=device,
-                           dtype=torch.float32) * scheduler.init_noise_sigma
-    with_kl = base is not None and kl_eta is not None and kl_eta > 0
-    kl = torch.zeros(len(prompts), dtype=torch.float64, device=device) if with_kl else None
-    kl_steps = 0
-    for t in scheduler.timesteps:
-        eps = policy.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
-        if with_kl:
-            with base.active():
-                eps_base = policy.guided_eps(latents, t, embeds, neg_embeds, guidance_scale)
-            mean, std = ddim_transition(scheduler, eps, t, latents, kl_eta)
-            mean_base, _ = ddim_transition(scheduler, eps_base, t, latents, kl_eta)
-            step = transition_kl(mean, mean_base, std)
-            if step is not None:
-                kl += step
-                kl_steps += 1
-        if eta > 0:
-            latents, _ = ddim_step_with_logprob(scheduler, eps, t, latents, eta=eta, generator=generators)
-        else:
-            latents, _ = ddim_transition(scheduler, eps, t, latents, 0.0)
-    images = to_uint8(policy.decode(latents), layout="hwc")
-    return SampledBatch(images, kl.cpu().numpy() if kl is not None else None, kl_steps)
+    cond = policy.encode_prompts(list(prompts))
+    with_kl = base is not None and kl_sampler is not None and kl_sampler.stochastic
+    windowed = sampler.window or (kl_sampler is not None and kl_sampler.window)
+    traj = sample_trajectory(policy, cond, as_conditioning(neg_embeds), num_steps=num_steps, sampler=sampler,
+                             guidance_scale=guidance_scale, generator=generators, record=False,
+                             window_start=sampler.window_start(num_steps, 0) if sampler.window else (
+                                 kl_sampler.window_start(num_steps, 0) if with_kl and kl_sampler.window else 0),
+                             base=base if with_kl else None, kl_sampler=kl_sampler if with_kl else None,
+                             noise_every_step=bool(windowed))
+    images = to_uint8(policy.decode(traj.final), layout="hwc")
+    return SampledBatch(images, traj.kl.cpu().numpy() if traj.kl is not None else None, traj.kl_steps)

@@ -12,7 +12,9 @@ Two pre-processing paths (see :mod:`rlbench.nets.preprocess`):
   bicubic resize, floor centre crop, CLIP normalisation: the arithmetic of transformers' PIL image
   processor (``CLIPImageProcessor`` of transformers 4, ``CLIPImageProcessorPil`` of 5; equal to the
   last bit in rlbench's tests), which the published PickScore, ddpo-pytorch aesthetic and torchmetrics
-  CLIPScore numbers were computed with.
+  CLIPScore numbers were computed with. ``PixelSpec(crop="round")`` rounds the crop offset instead,
+  as torchvision's ``CenterCrop`` in OpenAI CLIP's ``preprocess`` (the aesthetic reward's
+  ``preprocess="laion"``).
   transformers 5's default torchvision backend of the same processor resizes differently (up to
   ~2/255 per pixel); rlbench keeps the PIL arithmetic so scores do not depend on the installed version.
 * differentiable: :func:`~rlbench.nets.preprocess.clip_pixels` (float antialiased bicubic, same crop and
@@ -114,6 +116,10 @@ class PixelSpec:
     size: int = 224
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # Centre-crop offset: "floor" as transformers' image processors ((H - size) // 2, what a processor
+    # config describes), "round" as torchvision's CenterCrop (OpenAI CLIP's preprocess; the aesthetic
+    # reward's preprocess="laion").
+    crop: str = "floor"
 
     @classmethod
     def from_folder(cls, folder: Path, option: str) -> PixelSpec:
@@ -144,12 +150,17 @@ class PixelSpec:
             )
         return cls(size=size, mean=tuple(cfg.get("image_mean", cls.mean)), std=tuple(cfg.get("image_std", cls.std)))
 
+    def __post_init__(self) -> None:
+        if self.crop not in ("floor", "round"):
+            raise ValueError(f"crop must be 'floor' or 'round', got {self.crop!r}")
+
     def exact(self, images: torch.Tensor) -> torch.Tensor:
-        """The HF (PIL) processor's pixel values of float images in [0, 1], quantised to uint8 first."""
-        return clip_pixels_exact(images, self.size, self.mean, self.std, hf=True)
+        """The HF (PIL) processor's pixel values of float images in [0, 1], quantised to uint8 first
+        (with ``crop="round"``: OpenAI CLIP's ``preprocess``, which differs only in the crop offset)."""
+        return clip_pixels_exact(images, self.size, self.mean, self.std, hf=self.crop == "floor")
 
     def differentiable(self, images: torch.Tensor) -> torch.Tensor:
-        return clip_pixels(images, self.size, self.mean, self.std, hf=True)
+        return clip_pixels(images, self.size, self.mean, self.std, hf=self.crop == "floor")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.differentiable(images) if wants_grad(images) else self.exact(images)

@@ -1,10 +1,19 @@
 """Image pre-processing shared by the CLIP-family rewards (aesthetic, PickScore, HPSv2, CLIPScore, ImageReward).
 
-All of them feed their vision tower the OpenAI CLIP recipe: resize the short side to 224 with
-bicubic interpolation, centre-crop 224x224, normalise with the CLIP mean/std (OpenAI CLIP
-``clip/clip.py`` ``_transform``; HF ``CLIPImageProcessor`` of ``openai/clip-vit-large-patch14`` and
-``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``: ``size 224, crop_size 224, resample 3 (bicubic)``; open_clip
-``OPENAI_DATASET_MEAN/STD``).
+Two geometries, each reward following its own official code (the module docstring of each reward names
+the official function behind each step):
+
+* **short side + centre crop** (aesthetic, PickScore, CLIPScore, ImageReward): resize the short side to
+  224 with bicubic interpolation (the long side truncated, ``int(224 * long / short)``), centre-crop
+  224x224, normalise with the CLIP mean/std (OpenAI CLIP ``clip/clip.py`` ``_transform``; HF
+  ``CLIPImageProcessor`` of ``openai/clip-vit-large-patch14`` and ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``:
+  ``size 224, crop_size 224, resample 3 (bicubic)``; open_clip ``OPENAI_DATASET_MEAN/STD``). The crop
+  offset is where the official codes differ: torchvision's ``CenterCrop`` (OpenAI CLIP, ImageReward, LAION's
+  ``simple_inference.py``) rounds it, ``int(round((H - 224) / 2))`` (Python ``round``: half to even),
+  transformers' image processors (PickScore, ddpo-pytorch, torchmetrics) floor it, ``(H - 224) // 2``
+  (:func:`center_crop`, ``hf=True``).
+* **long side + letterbox** (HPSv2, :func:`letterbox_shape`, :func:`letterbox_padding`): HPSv2's
+  ``ResizeMaxSize``, the longer side resized to 224 and the shorter side zero-padded, no crop.
 
 Two paths, the same arithmetic up to resampling:
 
@@ -40,6 +49,25 @@ def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
     if h <= w:
         return size, int(size * w / h)
     return int(size * h / w), size
+
+
+def letterbox_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """Longer side to ``size``, aspect kept: HPSv2's ``ResizeMaxSize`` (tgxs002/HPSv2
+    ``hpsv2/src/open_clip/transform.py`` L42-44): ``scale = size / float(max(h, w))``, each side
+    ``round(side * scale)`` (Python ``round``, half to even), unchanged when ``scale == 1``."""
+    scale = size / float(max(h, w))
+    if scale == 1.0:
+        return h, w
+    return round(h * scale), round(w * scale)
+
+
+def letterbox_padding(h: int, w: int, size: int) -> list[int]:
+    """``[left, top, right, bottom]`` zero padding of an ``h x w`` image to ``size x size``, half (floored)
+    before and the rest after (HPSv2 ``ResizeMaxSize`` L46-48, torchvision ``pad`` order)."""
+    pad_h, pad_w = size - h, size - w
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"a {h}x{w} image does not fit a {size}x{size} letterbox")
+    return [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]
 
 
 def center_crop(x: torch.Tensor, size: int, hf: bool = False) -> torch.Tensor:

@@ -203,6 +203,8 @@ class Trainer:
 
         self.cfg = ensure_resolved(cfg)
         self.policy = policy
+        self.sampler = policy.as_sampler(self.cfg.sampler())  # refuses a sampler of the other family
+        policy.check_config(self.cfg)  # what only the loaded model can tell (image size, guidance)
         self.reward = reward
         self.watch = dict(watch or {})
         self.algorithm = algorithm
@@ -233,6 +235,7 @@ class Trainer:
 
         wants_base = (self.cfg.eval.every and self.cfg.eval.kl) or algorithm.uses_reference()
         self.base = BaseWeights(policy) if wants_base else None
+        algorithm.setup(policy)
         self.params = policy.trainable_parameters()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
@@ -247,6 +250,7 @@ class Trainer:
         self.reward_queries = 0
         self.neg_embeds = policy.encode_prompts([cfg.sample.negative_prompt])
         self._pool: ThreadPoolExecutor | None = None
+        self._epoch = 0
         self._tb = None
         self._wandb = None
 
@@ -348,10 +352,12 @@ class Trainer:
 
     def epoch(self, run: RunDir, epoch: int) -> dict[str, Any]:
         """sample -> score -> advantages -> update -> log."""
+        self._epoch = epoch
         if self.algorithm.direct:
             return self._direct_epoch(run, epoch)
         t0 = time.perf_counter()
-        sampled = self._sample()
+        with self.algorithm.sampling_weights(self.policy):  # DiffusionNFT samples with its old policy
+            sampled = self._sample(epoch)
         t_sampled = time.perf_counter()
         for s in sampled:
             s.wait()
@@ -399,12 +405,13 @@ class Trainer:
 
     def _context(self) -> UpdateContext:
         return UpdateContext(self.cfg, self.optimizer, self.accelerator, self.train_gen, self.params, self.policy,
-                             reference=self.base if self.algorithm.uses_reference() else None, reward=self.reward)
+                             reference=self.base if self.algorithm.uses_reference() else None, reward=self.reward,
+                             epoch=self._epoch)
 
-    def _sample(self) -> list[Sampled]:
+    def _sample(self, epoch: int = 0) -> list[Sampled]:
         """The epoch's sampling batches; each is scored as soon as it is sampled (in the background
         with ``sample.async_reward``, while the next batch samples)."""
-        cfg, policy = self.cfg, self.policy
+        cfg, policy, sampler = self.cfg, self.policy, self.sampler
         policy.unet.eval()
         out = []
         batches = epoch_prompts(self.prompt_set, self.prompt_rng, cfg.sample.batch_size,
@@ -417,9 +424,12 @@ class Trainer:
             shared = policy.initial_noise(cfg.samples_per_epoch // k, self.sample_gen).repeat_interleave(k, dim=0)
         for b, (prompts, metadata) in enumerate(batches):
             noise = None if shared is None else shared[b * cfg.sample.batch_size:(b + 1) * cfg.sample.batch_size]
-            ro = policy.sample(prompts, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta,
+            # An SDE window's start: progressive (MixGRPO) or drawn per batch from the sampling stream (Flow-GRPO-Fast).
+            start = sampler.window_start(cfg.sample.num_steps, epoch, lambda lo, hi: torch.randint(
+                lo, hi + 1, (1,), generator=self.sample_gen)) if sampler.window else 0
+            ro = policy.sample(prompts, num_steps=cfg.sample.num_steps, sampler=sampler,
                                guidance_scale=cfg.sample.guidance_scale, generator=self.sample_gen,
-                               neg_embeds=self.neg_embeds, initial_noise=noise)
+                               neg_embeds=self.neg_embeds, initial_noise=noise, window_start=start)
             s = Sampled(ro, prompts, metadata)
             if cfg.sample.async_reward:
                 if self._pool is None:
@@ -459,16 +469,28 @@ class Trainer:
         return rewards, all_rewards, all_advantages[self.rank * n:(self.rank + 1) * n]
 
     def _train_batch(self, sampled: list[Sampled], rewards: torch.Tensor, advantages: torch.Tensor) -> TrainBatch:
+        from rlbench.diffusion.conditioning import Conditioning
+
         rollouts = [s.rollout for s in sampled]
+        recorded = rollouts[0].latents is not None  # a deterministic sampler stores no transitions (RWR, NFT)
+        keys = [r.timesteps for r in rollouts] if recorded else []
+        # An SDE window that starts at different steps in different batches: keys per sample.
+        per_sample = recorded and any(not torch.equal(k, keys[0]) for k in keys[1:])
+        if per_sample:
+            timesteps = torch.cat([k.unsqueeze(0).expand(len(r.images), *k.shape) for k, r in zip(keys, rollouts)])
+        else:
+            timesteps = keys[0] if recorded else None
         return TrainBatch(
-            latents=torch.cat([r.latents for r in rollouts]),
-            log_probs=torch.cat([r.log_probs for r in rollouts]),
-            timesteps=rollouts[0].timesteps,
-            prompt_embeds=torch.cat([r.prompt_embeds for r in rollouts]),
+            latents=torch.cat([r.latents for r in rollouts]) if recorded else None,
+            log_probs=torch.cat([r.log_probs for r in rollouts]) if recorded else None,
+            timesteps=timesteps,
+            prompt_embeds=Conditioning.cat([r.prompt_embeds for r in rollouts]),
             neg_embeds=self.neg_embeds,
             rewards=rewards.to(self.device),
             advantages=advantages.to(self.device),
             prompts=[p for s in sampled for p in s.prompts],
+            final=torch.cat([r.final for r in rollouts]),
+            per_sample_keys=per_sample,
         )
 
     def _update(self, batch: TrainBatch) -> tuple[dict[str, Any], int]:
@@ -517,10 +539,11 @@ class Trainer:
         cfg, ev = self.cfg, self.cfg.eval
         result = evaluate_policy(
             self.policy, self.evaluation.prompt_sets, self.evaluation.rewards, seed=ev.seed,
-            steps=cfg.sample.num_steps, eta=cfg.sample.eta, guidance=cfg.sample.guidance_scale,
+            steps=cfg.sample.num_steps, sampler=self.sampler, guidance=cfg.sample.guidance_scale,
             images_per_prompt=ev.images_per_prompt, prompts_per_set=ev.prompts_per_set,
             batch_size=cfg.sample.batch_size, negative_prompt=cfg.sample.negative_prompt,
-            base=self.base if ev.kl else None, kl_eta=cfg.sample.eta if self.base is not None and ev.kl else None,
+            base=self.base if ev.kl else None,
+            kl_sampler=self.sampler if self.base is not None and ev.kl and self.sampler.stochastic else None,
         )
         return result.metrics()
 
@@ -595,6 +618,7 @@ class Trainer:
 
             def write(folder: Path) -> None:
                 self.policy.save_state(folder)
+                self.algorithm.save_tensors(folder)
                 torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
                 save_file({f"rank{r}.{k}": s[k] for r, s in enumerate(states) for k in ("sample", "train", "torch")},
                           str(folder / "rng.safetensors"))
@@ -653,3 +677,4 @@ class Trainer:
             self.samples, self.reward_queries = state["samples"], state["reward_queries"]
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise checkpoint_read_error(folder, "trainer_state.json", exc) from exc
+        self.algorithm.load_tensors(folder)  # tensor state beyond the JSON (DiffusionNFT's old policy)
