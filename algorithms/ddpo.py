@@ -166,7 +166,7 @@ class _DDPO(Algorithm):
         window = max(1, int(steps * cfg.train.timestep_window))  # the first (noisiest) steps; all by default
         n_train = max(1, int(window * cfg.train.timestep_fraction))
         mb, acc = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
-        chunks = step_chunks(n_train, steps_per_forward(cfg, policy.device))
+        chunks = step_chunks(n_train, steps_per_forward(cfg, policy.device, policy.family))
         sums: dict[str, float] = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         count = 0
         n_micro = n // mb
@@ -208,18 +208,21 @@ class _DDPO(Algorithm):
         return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-# Auto steps per UNet call on a CPU. Issue 12's settings (micro-batch 2, 20 trained steps, 2 cores): one
-# step per call 9.1 s of training per epoch, 4 steps 7.6 s, 10 steps 7.6 s at 1.7x the activation
-# memory, 20 steps 8.5 s (benchmarks/speed.py --steps-per-forward N).
-CPU_STEPS_PER_FORWARD = 4
+# Auto steps per denoiser call on a CPU. UNet (issue 12's settings: micro-batch 2, 20 trained steps, 2 cores): one
+# step per call 9.1 s of training per epoch, 4 steps 7.6 s, 10 steps 7.6 s at 1.7x the activation memory, 20 steps
+# 8.5 s (benchmarks/speed.py --steps-per-forward N). The flow transformer's cost is attention, linear in the batch, so
+# fuller batches gain little and cost memory: tiny SD3, ddpo-is, 10 steps, training/bare-call ratio 0.93-1.12 at 1,
+# 0.90-0.97 at 2, 1.10-1.15 at 4 (two runs each, `python benchmarks/speed.py --model tiny-sd3 --steps-per-forward N`).
+CPU_STEPS_PER_FORWARD = {"ddim": 4, "flow": 2}
 
 
-def steps_per_forward(cfg, device) -> int:
-    """``train.steps_per_forward``, or when 0 (auto) 4 on a CPU and 1 on an accelerator (memory)."""
+def steps_per_forward(cfg, device, family: str = "ddim") -> int:
+    """``train.steps_per_forward``, or when 0 (auto) on a CPU 4 (UNet) or 2 (flow transformer), 1 on an
+    accelerator (memory)."""
     k = cfg.train.steps_per_forward
     if k > 0:
         return k
-    return CPU_STEPS_PER_FORWARD if torch.device(device).type == "cpu" else 1
+    return CPU_STEPS_PER_FORWARD.get(family, 1) if torch.device(device).type == "cpu" else 1
 
 
 def step_chunks(n_train: int, per_call: int) -> list[tuple[int, int]]:

@@ -1,7 +1,9 @@
-"""``grpo``: group-relative policy optimisation on the stochastic DDIM policy, with a KL anchor to the base model.
+"""``grpo``: group-relative policy optimisation with a KL anchor to the base model, on either model family.
 
 The loss of Flow-GRPO (Liu et al. 2025, arXiv 2505.05470; yifan123/flow_grpo ``scripts/train_sd3.py``
-L872-897) and DanceGRPO (Xue et al. 2025, arXiv 2505.07818), on the same per-step DDIM policy DDPO trains:
+L872-897) and DanceGRPO (Xue et al. 2025, arXiv 2505.07818), on the per-step policy of the model's sampler (the
+DDIM step DDPO trains, or a flow SDE: ``flow-sde`` is Flow-GRPO, ``dance-sde`` DanceGRPO, ``cps`` with a window
+Flow-GRPO-Fast):
 
 * **Group advantages.** Every prompt of an epoch is drawn with ``sample.images_per_prompt = k`` images;
   ``A = (r - mean of its group) / (std + 1e-4)`` with the std of the group or, as Flow-GRPO's default
@@ -13,7 +15,9 @@ L872-897) and DanceGRPO (Xue et al. 2025, arXiv 2505.07818), on the same per-ste
   ``trained_fraction``.
 * **Objective per trained step.** DDPO's PPO clip (clip range 1e-4, advantages clipped to 5) plus
   ``beta * mean_b( ||mu_theta - mu_ref||^2 / (2 sigma_t^2) )`` with the norm averaged over the latent
-  dims like the log-prob: the exact KL between the two Gaussian steps (equal sigma), per dim. The
+  dims like the log-prob: the exact KL between the two Gaussian steps (equal sigma), per dim. For the flow SDEs
+  sigma_t is the transition's std ``s_i sqrt(-dt_i)``; Flow-GRPO's ``kl_loss`` divides by ``2 s_i^2`` without the
+  step size, i.e. it is ``(-dt_i)`` times this exact KL, so its beta corresponds to ``beta (-dt_i)`` here. The
   reference is the base model, computed under ``no_grad``: for LoRA the adapters at their initial values
   (B = 0: exactly the base UNet; Flow-GRPO's ``disable_adapter()``), costing a copy of the adapter
   tensors; for full fine-tuning a frozen copy of the UNet's trainable weights (4 bytes x parameters:
@@ -33,7 +37,7 @@ from rlbench.algorithms.ddpo import ADV_CLIP_MAX, CLIP_RANGE, _DDPO, ppo_clip_lo
 from rlbench.algorithm import TrainBatch, UpdateContext, option
 from rlbench.errors import ConfigError
 from rlbench.diffusion.gaussian import kl_penalty
-from rlbench.train.advantages import group_normalize
+from rlbench.train.advantages import flat_group_fraction, group_normalize
 
 # flow_grpo config/grpo.py: train.beta = 0.04 for geneval_sd3 and general_ocr_sd3 (0.01 for pickscore_sd3).
 BETA = 0.04
@@ -89,8 +93,7 @@ class GRPO(_DDPO):
 
     def advantages(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         adv, flat = group_normalize(prompts, rewards, self.options.global_std)
-        groups = {p: bool(f) for p, f in zip(prompts, flat.tolist())}
-        self.zero_std_ratio = sum(groups.values()) / max(len(groups), 1)
+        self.zero_std_ratio = flat_group_fraction(prompts, flat)
         return adv
 
     def part_advantages(self, name: str, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -106,8 +109,7 @@ class GRPO(_DDPO):
             return advantages
         advantages = advantages.clone()
         advantages[torch.from_numpy(flat).to(advantages.device)] = 0.0
-        groups = {p: bool(f) for p, f in zip(prompts, flat.tolist())}
-        self.zero_std_ratio = sum(groups.values()) / max(len(groups), 1)
+        self.zero_std_ratio = flat_group_fraction(prompts, flat)
         return advantages
 
     def train_indices(self, batch: TrainBatch, ctx: UpdateContext) -> torch.Tensor:

@@ -53,7 +53,7 @@ import torch
 from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option
 from rlbench.algorithms.ddpo import step_chunks, steps_per_forward
 from rlbench.errors import ConfigError, RunDirError
-from rlbench.train.advantages import group_normalize
+from rlbench.train.advantages import flat_group_fraction, group_normalize
 
 # config/nft.py L61: config.beta = 1.0 (0.1 for sd3_ocr L77 and sd3_multi_reward L137).
 BETA = 1.0
@@ -242,8 +242,7 @@ class NFT(Algorithm):
 
     def advantages(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         adv, flat = group_normalize(prompts, rewards, self.options.global_std)
-        groups = {p: bool(f) for p, f in zip(prompts, flat.tolist())}
-        self.zero_std_ratio = sum(groups.values()) / max(len(groups), 1)
+        self.zero_std_ratio = flat_group_fraction(prompts, flat)
         return adv
 
     def part_advantages(self, name: str, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -326,7 +325,7 @@ class NFT(Algorithm):
         n_train = max(1, int(window * cfg.train.timestep_fraction))  # reference: int(10 * 0.99) = 9 (L569)
         n, mb, acc = len(batch), cfg.train.batch_size, cfg.train.gradient_accumulation_steps
         n_micro = n // mb
-        chunks = step_chunks(n_train, steps_per_forward(cfg, policy.device))
+        chunks = step_chunks(n_train, steps_per_forward(cfg, policy.device, policy.family))
         sums: dict[str, float] = {"loss": 0.0}
         count = 0
         for _ in range(cfg.train.num_inner_epochs):

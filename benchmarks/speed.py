@@ -3,6 +3,10 @@
     python benchmarks/speed.py --compare-trl         # rlbench vs trl 0.23.1's DDPOTrainer, issue 12's settings
     python benchmarks/speed.py                       # tiny random pipeline, CPU
     python benchmarks/speed.py --model sd15-random --device cuda --steps 50   # SD-1.5 shapes, 512 px
+    python benchmarks/speed.py --model tiny-sd3 --algo grpo                   # the flow family, tiny SD3, CPU
+    python benchmarks/speed.py --model tiny-flux --algo grpo                  # tiny FLUX.1-dev-like, CPU
+    python benchmarks/speed.py --model sd35m-random --device cuda --algo grpo --steps 10 --resolution 512 \
+        --guidance 4.5 --sample-batch 8 --train-batch 8     # SD3.5-Medium-sized random weights, Flow-GRPO settings
 
 --compare-trl runs the reference implementation (benchmarks/peer/: trl 0.23.1 in its own pinned venv,
 set up by benchmarks/peer/setup_peer_env.sh) and rlbench one after the other, each in a fresh process,
@@ -11,8 +15,8 @@ same 8 prompts: DDPO-IS, LoRA rank 4, 2 x 4 samples x 20 steps, eta 1, guidance 
 2 x accumulation 2 over every step, lr 3e-4, batch-normalised advantages, JPEG incompressibility, fp32;
 median of epochs 2-4. It prints both epoch times, their ratio and both peak RSS.
 
-overhead ratio = epoch wall time / time of the UNet forward (+backward) calls alone at the same
-shapes (sampling: steps x batches forwards at 2x the batch for guidance; training: micro-batches x
+overhead ratio = epoch wall time / time of the denoiser's (UNet's or transformer's) forward (+backward)
+calls alone at the same shapes (sampling: steps x batches forwards at 2x the batch for guidance; training: micro-batches x
 trained steps forward+backward). No implementation can make the same calls faster than the bare
 UNet, so the ratio bounds everything rlbench adds around them (schedulers, log-probs, text
 encoding, VAE decode, rewards, advantages, optimizer, logging). Weights are random: speed does not
@@ -59,33 +63,83 @@ def sd15_random_policy():
     return DiffusionPolicy(unet, tiny_ddim_scheduler(), text, tiny_clip_tokenizer(), vae, name="sd15-random")
 
 
+def sd35m_random_policy(resolution: int = 512):
+    """A FlowPolicy with Stable Diffusion 3.5 Medium's transformer and VAE architecture, random weights, and tiny
+    CLIP text towers without T5 (diffusers allows text_encoder_3=None: its part of the prompt embeddings is zeros):
+    the transformer, which dominates the cost, is full size. Meant for a GPU (about 2.5 B transformer parameters)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from rlbench.diffusion.flow_policy import FlowPolicy
+    from rlbench.testing import tiny_clip_tokenizer
+
+    transformer = SD3Transformer2DModel(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    vae = AutoencoderKL(  # SD3's 16-channel VAE (vae/config.json)
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+
+    def text(seed: int, proj: int) -> CLIPTextModelWithProjection:
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=proj))
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text(0, 768), tokenizer=tiny_clip_tokenizer(), text_encoder_2=text(1, 1280),
+        tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    return FlowPolicy(pipe, "sd3", name="sd35m-random", resolution=resolution)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def unet_only_seconds(trainer) -> tuple[float, float]:
-    """Bare UNet time of one epoch's sampling and training calls, at the run's shapes."""
+    """Bare denoiser time of one epoch's sampling and training calls, at the run's shapes: the UNet, or the flow
+    transformer on the inputs its pipeline gives it (SD3: latents, 1000 sigma, embeddings, pooled; FLUX: packed
+    latents, sigma, guidance, embeddings, pooled, text and image ids)."""
     cfg, policy, device = trainer.cfg, trainer.policy, trainer.device
     c, h, w = policy.latent_shape
-    emb = policy.encode_prompts(["a photo of a cat"])
+    cond = policy.encode_prompts(["a photo of a cat"])
     n_steps = cfg.sample.num_steps
     bs, mb = cfg.sample.batch_size, cfg.train.batch_size
-    n_train = max(1, int(n_steps * cfg.train.timestep_fraction)) if trainer.algorithm.trains_on_trajectory else 1
+    window = max(1, int(n_steps * cfg.train.timestep_window))
+    n_train = max(1, int(window * cfg.train.timestep_fraction)) if trainer.algorithm.trains_on_trajectory else 1
     micro = cfg.samples_per_epoch // mb * cfg.train.num_inner_epochs
-    guided = cfg.sample.guidance_scale != 1.0
-    k = 2 if guided else 1
+    flux = getattr(policy, "kind", "") == "flux"
+    k = 2 if cfg.sample.guidance_scale != 1.0 and not flux else 1
+
+    def inputs(b: int) -> dict:
+        x = torch.randn(k * b, c, h, w, device=device, dtype=policy.dtype)
+        if policy.family == "ddim":
+            return {"sample": x, "timestep": torch.full((k * b,), 500, device=device),
+                    "encoder_hidden_states": cond["embeds"].expand(k * b, -1, -1)}
+        e, pooled = cond["embeds"].expand(k * b, -1, -1), cond["pooled"].expand(k * b, -1)
+        if not flux:
+            return {"hidden_states": x, "timestep": torch.full((k * b,), 500.0, device=device),
+                    "encoder_hidden_states": e, "pooled_projections": pooled, "return_dict": False}
+        from diffusers import FluxPipeline
+
+        guidance = torch.full((b,), 3.5, device=device) if policy.denoiser.config.guidance_embeds else None
+        return {"hidden_states": FluxPipeline._pack_latents(x, b, c, h, w), "timestep": torch.full((b,), 0.5, device=device),
+                "guidance": guidance, "encoder_hidden_states": e, "pooled_projections": pooled,
+                "txt_ids": cond["text_ids"], "img_ids": policy._image_ids(), "return_dict": False}
 
     def call(b: int, grad: bool) -> None:
-        x = torch.randn(k * b, c, h, w, device=device, dtype=policy.dtype)
-        t = torch.full((k * b,), 500, device=device)
-        e = emb.expand(k * b, -1, -1)
+        kw = inputs(b)
         if grad:
-            out = policy.forward_module(x, t, encoder_hidden_states=e).sample
+            out = policy.forward_module(**kw)
+            out = out.sample if hasattr(out, "sample") else out[0]
             out.float().square().mean().backward()
         else:
             with torch.no_grad():
-                policy.forward_module(x, t, encoder_hidden_states=e)
+                policy.forward_module(**kw)
 
     call(bs, False), call(mb, True)  # warm-up
     sync(device)
@@ -151,10 +205,15 @@ def main() -> None:
     ap.add_argument("--batch-advantages", action="store_true", help="batch-normalised advantages (no per-prompt)")
     ap.add_argument("--json-stdout", action="store_true", help="print only one JSON line (for --compare-trl)")
     ap.add_argument("--steps-per-forward", type=int, default=None, help="train.steps_per_forward (default: auto)")
-    ap.add_argument("--model", default="tiny", help="tiny | sd15-random | a diffusers folder")
+    ap.add_argument("--model", default="tiny", help="tiny | diffusers-test | sd15-random | tiny-sd3 | tiny-flux | "
+                    "sd35m-random | a diffusers folder")
+    ap.add_argument("--sampler", default=None, help="sample.sampler (flow models: flow-sde, dance-sde, cps, ode)")
+    ap.add_argument("--guidance", type=float, default=None, help="sample.guidance_scale (default: the config's)")
+    ap.add_argument("--resolution", type=int, default=0, help="sample.resolution (flow models)")
+    ap.add_argument("--images-per-prompt", type=int, default=None, help="sample.images_per_prompt (grpo: >= 2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--algo", default="ddpo-is")
-    ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
+    ap.add_argument("--steps", type=int, default=10, help="denoising steps")
     ap.add_argument("--sample-batch", type=int, default=8)
     ap.add_argument("--batches", type=int, default=2, help="sampling batches per epoch")
     ap.add_argument("--train-batch", type=int, default=4)
@@ -176,7 +235,7 @@ def main() -> None:
     from rlbench.utils.hf import quiet_hf
     from rlbench.registry import MODELS
     from rlbench.train.rundir import RunDir
-    from rlbench.testing import save_tiny_sd_pipeline
+    from rlbench.testing import save_tiny_flux_pipeline, save_tiny_sd3_pipeline, save_tiny_sd_pipeline
     from rlbench.train.trainer import prepare
 
     quiet_hf()
@@ -186,6 +245,15 @@ def main() -> None:
         model = str(save_tiny_sd_pipeline(tmp / "sd", size=model))
     elif model == "sd15-random":
         MODELS.register("sd15-random", lambda: sd15_random_policy())
+    elif model == "tiny-sd3":
+        model = str(save_tiny_sd3_pipeline(tmp / "sd3"))
+    elif model == "tiny-flux":
+        model = str(save_tiny_flux_pipeline(tmp / "flux"))
+        args.resolution = args.resolution or 16  # the tiny FLUX model's size (FluxPipeline defaults to 1024 px)
+    elif model == "sd35m-random":
+        factory = lambda: sd35m_random_policy(args.resolution or 512)  # noqa: E731
+        factory.family = "flow"
+        MODELS.register("sd35m-random", factory)
     device = torch.device(args.device)
     trainer = prepare(
         overrides=[
@@ -197,6 +265,11 @@ def main() -> None:
             *([f"train.learning_rate={args.lr}"] if args.lr else []),
             *(["advantage.per_prompt=false"] if args.batch_advantages else []),
             *([f"train.steps_per_forward={args.steps_per_forward}"] if args.steps_per_forward is not None else []),
+            *([f"sample.sampler={args.sampler}"] if args.sampler else []),
+            *([f"sample.guidance_scale={args.guidance}"] if args.guidance is not None else []),
+            *([f"sample.resolution={args.resolution}"] if args.resolution else []),
+            *([f"sample.images_per_prompt={args.images_per_prompt or 2}"] if args.algo in ("grpo", "nft")
+              or args.images_per_prompt else []),
         ],
         values={"algorithm": {"name": args.algo}, "reward": {"name": "incompressibility"},
                 "model": {"name": model}, "prompts": {"name": args.prompts},
@@ -221,6 +294,7 @@ def main() -> None:
         "epoch_s": epoch_s,
         "sampling_s": statistics.median(r["seconds_sampling"] for r in records),
         "training_s": statistics.median(r["seconds_training"] for r in records),
+        "sampler": repr(trainer.sampler),
         "unet_only_sampling_s": sample_unet, "unet_only_training_s": train_unet,
     }
     out["images_per_s_sampled"] = n / out["sampling_s"]

@@ -398,11 +398,17 @@ def shapes_pretrain(
     workers: int = typer.Option(0, "--workers", min=0, help="Processes rendering training images (0: in-process)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and the data stream."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop early (and save) after this long."),
+    family: str = typer.Option("ddim", "--family", help="ddim: the UNet `shapes` model (DDPM epsilon loss); flow: "
+                               "the `shapes-flow` MMDiT (rectified flow, velocity loss)."),
 ) -> None:
-    """Pretrain the shapes-world text-to-image model from scratch on rendered (image, caption) pairs."""
+    """Pretrain a shapes-world text-to-image model from scratch on rendered (image, caption) pairs."""
     from rlbench.train.rundir import fresh_dir
-    from rlbench.shapes.model import pretrain, vocabulary, world_batches
+    from rlbench.shapes import flow_model, model as ddim_model
+    from rlbench.shapes.model import vocabulary, world_batches
 
+    if family not in ("ddim", "flow"):
+        raise InputError(f"--family must be 'ddim' or 'flow', got {family!r}.")
+    pretrain = flow_model.pretrain if family == "flow" else ddim_model.pretrain
     folder = fresh_dir(out)
     pretrain(folder, world_batches(steps, batch_size, seed, workers), vocabulary(), steps=steps,
              batch_size=batch_size, lr=lr, device=device, seed=seed, log=typer.echo, max_seconds=max_seconds)
@@ -420,6 +426,10 @@ def shapes_quality(
     run: Optional[Path] = typer.Option(None, "--run", help="A training run: measure its trained policy instead."),
     checkpoint: Optional[int] = typer.Option(None, "--checkpoint", help="Checkpoint of --run (default: latest)."),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated prompt splits (default: all)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Flow models: ode, flow-sde, dance-sde or cps "
+                                          "(default flow-sde); DDIM models sample with eta = 1."),
+    noise_level: Optional[float] = typer.Option(None, "--noise-level", help="The flow sampler's noise level "
+                                                "(default: the sampler's)."),
 ) -> None:
     """Gold score of samples against their own prompts (matching) and others' (mismatched), per split.
 
@@ -431,9 +441,17 @@ def shapes_quality(
     from rlbench.train.rundir import load_trained_policy
     from rlbench.shapes.quality import quality_table
 
+    from rlbench.diffusion.sampler import DEFAULT_NOISE, Sampler, family_of_sampler
+
     policy = load_trained_policy(run, checkpoint) if run is not None else load_policy(model)
     names = [x.strip() for x in splits.split(",") if x.strip()] if splits else None
-    table = quality_table(policy, names, n=n, num_steps=steps, guidance_scale=guidance, seed=seed)
+    chosen = None
+    if sampler or noise_level is not None or policy.family == "flow":
+        name = sampler or policy.default_sampler
+        family_of_sampler(name)  # an unknown name: one error with a suggestion
+        chosen = policy.as_sampler(Sampler(name, DEFAULT_NOISE[name] if noise_level is None else noise_level))
+        chosen.check(steps)
+    table = quality_table(policy, names, n=n, num_steps=steps, guidance_scale=guidance, seed=seed, sampler=chosen)
     typer.echo(markdown_table(table), nl=False)
 
 

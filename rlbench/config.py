@@ -148,10 +148,12 @@ class OptimSection:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off")
     steps_per_forward: int = _f(
-        0, "DDPO: trained denoising steps of a micro-batch that share one UNet forward+backward (the reference: 1). "
-        "Same gradient, fuller batches, more activation memory. 0 = auto: 4 on a CPU (training 1.2x faster at "
-        "issue 12's settings), 1 on a GPU; raise it while memory allows", "steps")
-    cfg: bool = _f(True, "Train the guided epsilon (paper App. E.1: essential after the first round)")
+        0, "DDPO/GRPO/NFT: trained denoising steps of a micro-batch that share one denoiser forward+backward (the "
+        "reference: 1). Same gradient, fuller batches, more activation memory. 0 = auto: on a CPU 4 for a UNet "
+        "(training 1.2x faster at issue 12's settings) and 2 for a flow transformer, 1 on a GPU; raise it while "
+        "memory allows", "steps")
+    cfg: bool = _f(True, "Train the guided model output, epsilon or velocity (paper App. E.1: essential after the "
+                         "first round)")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ def _metrics(run: Path) -> list[dict]:
 
 ALGOS = {
     "ddpo-is": ["--reward", "incompressibility"],
+    "ddpo-sf": ["--reward", "incompressibility"],
     "grpo": ["--reward", "incompressibility", "--set", "algorithm.beta=0.04"],
     "rwr": ["--reward", "incompressibility"],
     "draft": ["--reward", "shapes-aesthetic", "--set", "algorithm.k=2"],
@@ -117,8 +118,12 @@ def test_resume_after_sigkill_is_bit_identical_on_the_flow_family(models, tmp_pa
 
 def test_eval_reports_a_flow_run_with_its_sampler_and_the_ode(models, tmp_path):
     run = tmp_path / "run"
-    assert _run("train", "--model", str(models["sd3"]), "--algo", "grpo", "--reward", "incompressibility",
-                "--epochs", "2", "--out", str(run), *SMALL).returncode == 0
+    proc = _run("train", "--model", str(models["sd3"]), "--algo", "grpo", "--reward", "incompressibility",
+                "--epochs", "2", "--out", str(run), *SMALL, "--set", "eval.every=2", "--set", "eval.prompts_per_set=2",
+                "--set", "eval.images_per_prompt=1", "--set", 'eval.prompts=["simple-animals"]')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = _metrics(run)[-1]  # eval.every: the harness during training, with the flow-SDE policy's exact KL
+    assert "eval/incompressibility/simple-animals" in last and last["eval/kl/simple-animals"] > 0
     for extra, has_kl in (([], True), (["--sampler", "ode"], False)):
         out = tmp_path / f"eval{len(extra)}"
         proc = _run("eval", str(run), "--out", str(out), "--images-per-prompt", "1", "--prompts-per-set", "2",
@@ -157,6 +162,14 @@ def test_true_cfg_on_flux_needs_a_negative_prompt(models, tmp_path):
     proc = _run("train", "--model", str(models["flux"]), "--set", "sample.true_cfg_scale=3", "--out",
                 str(tmp_path / "bad"), *SMALL, *FLUX)
     assert proc.returncode == 2 and "needs a negative prompt" in proc.stderr
+
+
+def test_a_flow_alias_offline_without_weights_names_the_download_command(tmp_path):
+    env = dict(_env(), HF_HOME=str(tmp_path / "empty-hf-home"))
+    proc = subprocess.run([RLBENCH, "train", "--model", "flux.1-dev", "--out", str(tmp_path / "run"), *SMALL],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "hf download black-forest-labs/FLUX.1-dev" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_models_list_shows_the_flow_models():

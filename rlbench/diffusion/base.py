@@ -23,7 +23,7 @@ from rlbench.diffusion.conditioning import as_conditioning
 from rlbench.diffusion.gaussian import gaussian_log_prob
 from rlbench.diffusion.sampler import FAMILY_SAMPLERS, Sampler
 from rlbench.diffusion.trajectory import sample_trajectory
-from rlbench.errors import ConfigError
+from rlbench.errors import ConfigError, WeightsNotAvailable
 
 
 @dataclass
@@ -346,3 +346,33 @@ def _missing_weights_message(source: str, revision: str | None) -> str:
         f"(offline). Fetch them on a connected machine with `hf download {source}{rev}` (the same cache "
         "is used), or pass --model /path/to/a/diffusers-folder."
     )
+
+
+def load_cached_first(load: Any, source: str, revision: str | None, what: str) -> Any:
+    """``load(local_files_only)`` from the local files first: a folder that does not load is one ConfigError naming
+    it; a hub id not in the cache is, offline, the ``hf download`` command that fixes it, online a download."""
+    from rlbench.weights import is_offline
+
+    try:
+        return load(True)
+    except (OSError, ValueError) as first:
+        if Path(source).is_dir():
+            raise ConfigError(f"cannot load the {what} in {source!r}: {first}") from first
+        if is_offline():
+            raise WeightsNotAvailable(_missing_weights_message(source, revision)) from first
+        try:
+            return load(False)
+        except Exception as exc:
+            raise WeightsNotAvailable(_missing_weights_message(source, revision) + f" ({exc})") from exc
+
+
+def none_components(folder: str | Path) -> dict[str, None]:
+    """The components a pipeline folder saved as None (``[null, null]`` in model_index.json): diffusers reloads it
+    only when they are passed as None again."""
+    import json
+
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {k: None for k, v in json.loads(index.read_text(encoding="utf-8")).items()
+            if isinstance(v, list) and v and v[0] is None}

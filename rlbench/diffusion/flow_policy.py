@@ -16,6 +16,7 @@ needed, as ``FluxPipeline``) a second call.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,10 @@ import torch
 
 from rlbench.diffusion.conditioning import Conditioning, as_conditioning
 from rlbench.diffusion.flow import flow_log_prob, flow_sigmas, flow_transition, step_keys
-from rlbench.diffusion.base import Policy, _missing_weights_message
+from rlbench.diffusion.base import Policy, load_cached_first, none_components
 from rlbench.diffusion.sampler import Sampler
-from rlbench.errors import ConfigError, WeightsNotAvailable
+from rlbench.errors import ConfigError
 from rlbench.utils.hf import quiet_hf
-from rlbench.weights import is_offline
 
 # Flow-GRPO's LoRA targets: SD3 (scripts/train_sd3.py L417-434; DiffusionNFT L419-439), FLUX adds the
 # feed-forwards (scripts/train_flux.py @74db691; Flow-Factory flux1.py L77-84).
@@ -99,8 +99,6 @@ class FlowPolicy(Policy):
         A folder saved without T5 (``text_encoder_3`` null in ``model_index.json``) loads without it, as diffusers
         allows (the T5 part of the prompt embeddings is then zeros).
         """
-        import json
-
         from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
         quiet_hf()
@@ -109,26 +107,13 @@ class FlowPolicy(Policy):
         pipe_cls = StableDiffusion3Pipeline if kind == "sd3" else FluxPipeline
         kw: dict[str, Any] = {} if local else {"revision": revision or None}
         if local:
-            index = json.loads((Path(source) / "model_index.json").read_text(encoding="utf-8"))
-            for comp, value in index.items():  # components saved as None must be passed as None again
-                if isinstance(value, list) and value[0] is None:
-                    kw[comp] = None
+            kw.update(none_components(source))  # components saved as None must be passed as None again
 
         def load(local_files_only: bool) -> FlowPolicy:
             pipe = pipe_cls.from_pretrained(source, local_files_only=local_files_only, **kw)
             return cls(pipe, kind, name=name or source, default_prompts=default_prompts)
 
-        try:
-            return load(local_files_only=True)
-        except (OSError, ValueError) as first:
-            if local:
-                raise ConfigError(f"cannot load the diffusers {pipe_cls.__name__} in {source!r}: {first}") from first
-            if is_offline():
-                raise WeightsNotAvailable(_missing_weights_message(source, revision)) from first
-            try:
-                return load(local_files_only=False)
-            except Exception as exc:
-                raise WeightsNotAvailable(_missing_weights_message(source, revision) + f" ({exc})") from exc
+        return load_cached_first(load, source, revision, f"diffusers {pipe_cls.__name__}")
 
     def _frozen_modules(self) -> list[Any]:
         names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
@@ -332,6 +317,75 @@ class FlowPolicy(Policy):
             self.denoiser.save_pretrained(folder / "transformer", safe_serialization=True)
 
 
+class PixelFlowPolicy(FlowPolicy):
+    """A pixel-space SD3 transformer (no VAE: a lossless pixel shuffle of ``pixel_shuffle``) with its own CLIP text
+    encoder (``CLIPTextModelWithProjection``): the shapes world's ``shapes-flow``. Folder: ``transformer/``,
+    ``scheduler/``, ``text_encoder/``, ``tokenizer/`` and ``rlbench.json`` with ``"kind": "pixel-sd3"``."""
+
+    def __init__(self, transformer: Any, scheduler: Any, text_encoder: Any, tokenizer: Any, *, name: str = "model",
+                 default_prompts: str = "simple-animals", pixel_shuffle: int = 2) -> None:
+        self.pipe = None
+        self.kind = "sd3"
+        self.scheduler = scheduler
+        self.vae = None
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.pixel_shuffle = pixel_shuffle
+        self.default_lora_targets = SD3_LORA_TARGETS
+        self.true_cfg_scale = 1.0
+        self._keys = None
+        self._train_sigmas = scheduler.sigmas.clone().float()
+        self._init_common(transformer, name, default_prompts)
+        self.set_resolution(0)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, name: str | None = None) -> PixelFlowPolicy:
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        from rlbench.errors import ConfigError
+        from rlbench.utils.hf import quiet_hf
+
+        quiet_hf()
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "rlbench.json").read_text(encoding="utf-8"))
+            return cls(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True),
+                       FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+                       CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder",
+                                                                   local_files_only=True),
+                       CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+                       name=name or str(folder), default_prompts=meta.get("default_prompts", "simple-animals"),
+                       pixel_shuffle=int(meta.get("pixel_shuffle", 2)))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the shapes-flow model in {str(folder)!r}: {exc}") from exc
+
+    def _frozen_modules(self) -> list[Any]:
+        return [self.text_encoder]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pixel_shuffle
+
+    def default_resolution(self) -> int:
+        return int(self.denoiser.config.sample_size) * self.pixel_shuffle
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """``embeds``: the text encoder's hidden states (B, L, D); ``pooled``: its projected EOS state (B, P)."""
+        unique = list(dict.fromkeys(prompts))
+        ids = self.tokenizer(unique, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        out = self.text_encoder(ids)
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        return Conditioning({"embeds": out.last_hidden_state[index].to(self.dtype),
+                             "pooled": out.text_embeds[index].to(self.dtype)})
+
+    def decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pixel_shuffle(latents.float(), self.pixel_shuffle)
+        return (x / 2 + 0.5).clamp(0, 1)
+
+
 # -- hub aliases (`rlbench models list`) ----------------------------------------------------------------
 
 def _alias(hub_id: str, kind: str, name: str, doc: str):
@@ -351,7 +405,7 @@ sd35_medium = _alias("stabilityai/stable-diffusion-3.5-medium", "sd3", "sd-3.5-m
 sd35_large = _alias("stabilityai/stable-diffusion-3.5-large", "sd3", "sd-3.5-large",
                     "Stable Diffusion 3.5 Large (stabilityai/stable-diffusion-3.5-large).")
 flux1_dev = _alias("black-forest-labs/FLUX.1-dev", "flux", "flux.1-dev",
-                   "FLUX.1 [dev] (black-forest-labs/FLUX.1-dev): guidance-distilled, guidance embedding 3.5.")
+                   "FLUX.1-dev (black-forest-labs/FLUX.1-dev): guidance-distilled, guidance embedding 3.5.")
 flux1_schnell = _alias("black-forest-labs/FLUX.1-schnell", "flux", "flux.1-schnell",
-                       "FLUX.1 [schnell] (black-forest-labs/FLUX.1-schnell): timestep-distilled, no guidance.")
+                       "FLUX.1-schnell (black-forest-labs/FLUX.1-schnell): timestep-distilled, no guidance.")
 flux1_schnell.train_defaults.update({"sample.num_steps": 4, "sample.guidance_scale": 1.0})  # schnell: 4 steps, no CFG

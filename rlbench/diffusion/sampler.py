@@ -43,8 +43,9 @@ MAX_NOISE = {"ddim": 1.0, "cps": 1.0}
 # diffusers pipeline classes (model_index.json `_class_name`) -> rlbench's model kinds.
 PIPELINE_KINDS = {
     "StableDiffusionPipeline": "sd", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+    "StableDiffusionXLPipeline": "sdxl",
 }
-KIND_FAMILY = {"sd": "ddim", "sd3": "flow", "flux": "flow"}
+KIND_FAMILY = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow", "flux": "flow", "pixel-sd3": "flow"}
 
 
 def family_of_sampler(name: str) -> str:
@@ -149,9 +150,17 @@ def sampler_from_config(sample: Any, family: str) -> Sampler:
 
 
 def pipeline_kind(source: str | Path) -> str | None:
-    """"sd", "sd3" or "flux" for a diffusers folder (or a cached hub id) from its ``model_index.json``; None when
-    that cannot be told without loading (a hub id not in the cache)."""
+    """"sd", "sdxl", "sd3" or "flux" for a diffusers folder (or a cached hub id) from its ``model_index.json``; None
+    when that cannot be told without loading (a hub id not in the cache)."""
     path = Path(str(source)).expanduser()
+    meta = path / "rlbench.json"
+    if path.is_dir() and meta.is_file():  # rlbench's own pixel-space models declare their kind
+        try:
+            declared = json.loads(meta.read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):
+            declared = None
+        if declared in KIND_FAMILY:
+            return declared
     index = path / "model_index.json" if path.is_dir() else None
     if index is None and not path.exists():
         parts = str(source).split("/")

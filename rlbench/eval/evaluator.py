@@ -99,6 +99,8 @@ def model_identity(model: str, revision: str) -> dict[str, Any]:
     if folder.is_dir():
         ident["model"] = str(folder.resolve())
         ident["files"] = [_fingerprint(f) for f in sorted((folder / "unet").glob("*")) if f.is_file()]
+        if (folder / "transformer").is_dir():  # a flow-matching pipeline's denoiser (UNet folders keep their keys)
+            ident["files"] += [_fingerprint(f) for f in sorted((folder / "transformer").glob("*")) if f.is_file()]
     return ident
 
 
@@ -257,7 +259,8 @@ def _frames(plan: EvalPlan, records: list[dict[str, Any]], scores: Mapping[tuple
                 "prompt": rec["prompt"], "image_index": rec["image_index"], "sample_seed": rec["sample_seed"],
                 "kl": np.nan if rec["kl"] is None else rec["kl"], "kl_steps": rec["kl_steps"],
                 "kl_eta": np.nan if rec["kl_eta"] is None else rec["kl_eta"], "eval_eta": runs[rec["run"]].eta,
-                "on_policy": rec["kl_eta"] is not None and abs(runs[rec["run"]].eta - rec["kl_eta"]) < 1e-12}
+                "on_policy": rec["kl_eta"] is not None and abs(runs[rec["run"]].eta - rec["kl_eta"]) < 1e-12
+                and (runs[rec["run"]].sampler is None or runs[rec["run"]].sampler == runs[rec["run"]].train_sampler)}
                for rec in records]
     kl_df = pd.DataFrame(kl_rows, columns=KL_COLUMNS)
     div_rows = []
@@ -410,7 +413,10 @@ def evaluate(
             "prompt_sets": [{"name": p.name, "total": p.total, "used": len(p.prompts), "prompts": p.prompts}
                             for p in plan.prompt_sets],
             "features": feature_name,
-            "kl_notes": {r.name: kl_note(r.eta, kl_eta_for(r.train_eta)) for r in plan.runs},
+            "kl_notes": {r.name: kl_note(r.eta, kl_eta_for(r.train_eta) if r.train_sampler is None
+                                         or r.train_sampler.stochastic else None,
+                                         r.train_sampler.name if r.train_sampler is not None else "ddim",
+                                         r.sampler.name if r.sampler is not None else None) for r in plan.runs},
             "notices": notices,
             "timings": timings,
         }

@@ -1,4 +1,7 @@
-"""The exact KL between a fine-tuned and the base model's DDIM transitions.
+"""The exact KL between a fine-tuned and the base model's stochastic transitions (DDIM, or a flow SDE).
+
+The flow samplers' steps are Gaussian in the same way (``rlbench.diffusion.flow``: Flow-SDE, Dance-SDE, CPS with
+their own std), so the same KL applies with their std; the deterministic ``ode`` has none, like eta = 0.
 
 DDPO's policy step is Gaussian: ``p(x_{t-1} | x_t) = N(mu(x_t, t), sigma_t^2 I)`` with
 ``sigma_t = eta * sqrt((1 - a_{t-1}) / (1 - a_t) * (1 - a_t / a_{t-1}))`` fixed by the scheduler and
@@ -29,12 +32,18 @@ def kl_eta_for(train_eta: float) -> float | None:
     return float(train_eta) if train_eta and train_eta > 0 else None
 
 
-def kl_note(eval_eta: float, kl_eta: float | None) -> str:
-    """One line for tables: what the KL column means for these settings."""
+def kl_note(eval_eta: float, kl_eta: float | None, sampler: str = "ddim", eval_sampler: str | None = None) -> str:
+    """One line for tables: what the KL column means for these settings (``sampler``: the run's; ``eval_sampler``:
+    the evaluation's, default the same)."""
+    eval_sampler = eval_sampler or sampler
     if kl_eta is None:
-        return "no KL: the run trained a deterministic sampler (eta = 0), whose transitions have no density"
-    if abs(eval_eta - kl_eta) < 1e-12:
-        return (f"exact KL of the eta={kl_eta:g} DDIM policy from the base model, summed over steps on its own "
-                "trajectories (one sample per image)")
-    return (f"KL of the run's eta={kl_eta:g} policy from the base model, summed over steps at the states of the "
-            f"eta={eval_eta:g} eval trajectories (not on-policy)")
+        what = "eta = 0" if sampler == "ddim" else f"{sampler}, noise 0"
+        return f"no KL: the run trained a deterministic sampler ({what}), whose transitions have no density"
+    level = "eta" if sampler == "ddim" else "noise level"
+    policy = "DDIM" if sampler == "ddim" else sampler
+    if abs(eval_eta - kl_eta) < 1e-12 and eval_sampler == sampler:
+        return (f"exact KL of the {level}={kl_eta:g} {policy} policy from the base model, summed over steps on its "
+                "own trajectories (one sample per image)")
+    other = f"eta={eval_eta:g}" if eval_sampler == "ddim" else f"{eval_sampler} ({level} {eval_eta:g})"
+    return (f"KL of the run's {level}={kl_eta:g} {policy} policy from the base model, summed over steps at the states "
+            f"of the {other} eval trajectories (not on-policy)")

@@ -206,6 +206,59 @@ def world_batches(steps: int, batch_size: int, seed: int, workers: int = 0):
             yield window.popleft().result()
 
 
+def pretrain_loop(
+    params: list[torch.nn.Parameter],
+    loss_of: Callable[[np.ndarray, list[str]], torch.Tensor],
+    batches: Iterable[tuple[np.ndarray, list[str]]],
+    *,
+    steps: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    log: Callable[[str], None] | None,
+    log_every: int,
+    max_seconds: float | None,
+) -> tuple[int, float]:
+    """The shapes models' shared pretraining driver; returns (steps done, seconds).
+
+    Per step: 10 % of captions replaced by "" (classifier-free guidance), ``loss_of(images, captions)`` (the
+    model's own objective), AdamW with linear warm-up then cosine decay, gradients clipped at 1, and an EMA of
+    ``params`` (decay min(0.999, (1 + n) / (10 + n))) copied into them at the end.
+    """
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    rng = np.random.default_rng(seed)
+    t0, running, step = time.perf_counter(), 0.0, -1
+    for step, (images, captions) in zip(range(steps), batches):
+        drop = rng.random(len(captions)) < CFG_DROPOUT
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        loss = loss_of(images, captions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched_lr.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))  # short runs: the EMA warms up too
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        running += float(loss.detach())
+        if log is not None and (step + 1) % log_every == 0:
+            log(f"step {step + 1}/{steps}  loss {running / log_every:.4f}  {time.perf_counter() - t0:.0f}s")
+            running = 0.0
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            if log is not None:
+                log(f"stopping after {step + 1} steps: the {max_seconds:.0f} s budget is spent")
+            break
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    return step + 1, time.perf_counter() - t0
+
+
 def pretrain(
     out: Path,
     batches: Iterable[tuple[np.ndarray, list[str]]],
@@ -232,55 +285,29 @@ def pretrain(
     dev = torch.device(device)
     unet.to(dev).train()
     text_encoder.to(dev).train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
     alphas = scheduler.alphas_cumprod.to(dev)
-    rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    t0, running = time.perf_counter(), 0.0
-    for step, (images, captions) in zip(range(steps), batches):
-        batch_size = len(captions)
-        drop = rng.random(batch_size) < CFG_DROPOUT
-        captions = ["" if d else c for c, d in zip(captions, drop)]
+
+    def loss_of(images: np.ndarray, captions: list[str]) -> torch.Tensor:  # DDPM's epsilon loss
         x0 = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x0 = torch.nn.functional.pixel_unshuffle(x0, PIXEL_SHUFFLE)
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids.to(dev)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=gen).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(x_t, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched_lr.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))  # short runs: the EMA warms up too
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
-        running += float(loss.detach())
-        if log is not None and (step + 1) % log_every == 0:
-            log(f"step {step + 1}/{steps}  loss {running / log_every:.4f}  {time.perf_counter() - t0:.0f}s")
-            running = 0.0
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            if log is not None:
-                log(f"stopping after {step + 1} steps: the {max_seconds:.0f} s budget is spent")
-            break
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+        return torch.nn.functional.mse_loss(pred.float(), noise)
+
+    done, seconds = pretrain_loop(list(unet.parameters()) + list(text_encoder.parameters()), loss_of, batches,
+                                  steps=steps, lr=lr, warmup=warmup, seed=seed, log=log, log_every=log_every,
+                                  max_seconds=max_seconds)
     unet.to("cpu").eval()
     text_encoder.to("cpu").eval()
     save_components(out, comps, words)
-    meta = {"steps": step + 1, "planned_steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
-            "device": device, "seconds": time.perf_counter() - t0, "ema_decay": EMA_DECAY,
+    meta = {"steps": done, "planned_steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
+            "device": device, "seconds": seconds, "ema_decay": EMA_DECAY,
             "cfg_dropout": CFG_DROPOUT}
     (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
     return out

@@ -18,21 +18,22 @@ from rlbench.utils.images import to_uint8
 
 
 def sample_images(policy, prompts: Sequence[str], *, num_steps: int = 20, guidance_scale: float = 5.0,
-                  seed: int = 0, batch_size: int = 64) -> np.ndarray:
-    """uint8 (N,32,32,3) samples of the stochastic DDIM policy (eta = 1, as DDPO trains it)."""
+                  seed: int = 0, batch_size: int = 64, sampler=None) -> np.ndarray:
+    """uint8 (N,32,32,3) samples: the stochastic DDIM policy (eta = 1, as DDPO trains it) or ``sampler`` (a
+    :class:`~rlbench.diffusion.sampler.Sampler`, e.g. a flow model's ode or flow-sde)."""
     gen = torch.Generator().manual_seed(seed)
     neg = policy.encode_prompts([""])
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        images = policy.sample(chunk, num_steps=num_steps, eta=1.0, guidance_scale=guidance_scale,
+        images = policy.sample(chunk, num_steps=num_steps, eta=1.0, sampler=sampler, guidance_scale=guidance_scale,
                                generator=gen, neg_embeds=neg).images
         out.append(to_uint8(images, layout="hwc"))
     return np.concatenate(out)
 
 
 def quality_table(policy, splits: Sequence[str] | None = None, n: int = 256, *, num_steps: int = 20,
-                  guidance_scale: float = 5.0, seed: int = 0) -> pd.DataFrame:
+                  guidance_scale: float = 5.0, seed: int = 0, sampler=None) -> pd.DataFrame:
     """Rows: split, template, n, matching (mean gold of own prompt), mismatched (another prompt's)."""
     from rlbench.shapes.analyser import gold_scores
     from rlbench.shapes.grammar import parse_caption, split_prompts
@@ -48,7 +49,8 @@ def quality_table(policy, splits: Sequence[str] | None = None, n: int = 256, *, 
         pool = all_splits[split]
         rng = np.random.default_rng([seed, len(pool)])
         prompts = [pool[i] for i in rng.integers(0, len(pool), size=n)]
-        images = sample_images(policy, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed)
+        images = sample_images(policy, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+                               sampler=sampler)
         matching = gold_scores(images, prompts)
         # The next prompt in a shuffled order, resampled where it equals the image's own prompt.
         others = [prompts[(i + 1 + int(rng.integers(0, n - 1))) % n] for i in range(n)]

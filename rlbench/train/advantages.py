@@ -179,3 +179,10 @@ def gdpo_aggregate(parts: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         raise ValueError("gdpo needs at least one reward's advantages")
     total = sum(float(w) * as_float64(a) for w, a in parts)
     return batch_normalize(total)
+
+
+def flat_group_fraction(prompts: Sequence[str], flat: np.ndarray) -> float:
+    """The fraction of an epoch's prompt groups whose rewards were all equal (``flat`` per sample, from
+    :func:`group_normalize`): Flow-GRPO's ``zero_std_ratio``."""
+    groups = {p: bool(f) for p, f in zip(prompts, np.asarray(flat).tolist())}
+    return sum(groups.values()) / max(len(groups), 1)
