@@ -1,6 +1,8 @@
 """A grid of samples of a shapes-world model: one row per prompt, ``--per-prompt`` seeds per row.
 
     python benchmarks/shapes_grid.py --out docs/shapes-base-samples.png [--model shapes] [--run RUN_DIR]
+    python benchmarks/shapes_grid.py --out docs/shapes-flow-samples.png --model shapes-flow --steps 10 \
+        --sampler ode --guidance 4.5
 
 Prints each row's prompt with its mean gold score, in the markdown the README uses.
 """
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scale", type=int, default=3, help="pixel upscaling of the 32x32 images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampler", default=None, help="flow models: ode, flow-sde, dance-sde, cps (default flow-sde)")
+    parser.add_argument("--guidance", type=float, default=5.0)
     args = parser.parse_args()
 
     from PIL import Image
@@ -46,7 +50,14 @@ def main() -> None:
     policy = load_trained_policy(args.run) if args.run else load_policy(args.model)
     k = args.per_prompt
     prompts = [p for p in PROMPTS for _ in range(k)]
-    images = sample_images(policy, prompts, num_steps=args.steps, seed=args.seed)
+    sampler = None
+    if policy.family == "flow":
+        from rlbench.diffusion.sampler import DEFAULT_NOISE, Sampler
+
+        name = args.sampler or policy.default_sampler
+        sampler = Sampler(name, DEFAULT_NOISE[name])
+    images = sample_images(policy, prompts, num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
+                           sampler=sampler)
     gold = gold_scores(images, prompts).reshape(len(PROMPTS), k).mean(1)
     rows, size = len(PROMPTS), images.shape[1]
     pad = 2
