@@ -565,9 +565,9 @@ def model_presets(model: str) -> dict[str, Any]:
             raise ConfigError(f"{meta} must hold a JSON object, got {type(declared).__name__}.")
         presets = declared.get("train_defaults", {})
         default_prompts = declared.get("default_prompts")  # the folder's own prompt set (DiffusionPolicy reads it too)
-        from rlbench.diffusion.sampler import pipeline_kind
+        from rlbench.diffusion.sampler import _hub_pipeline_kind, pipeline_kind
 
-        kind = pipeline_kind(model)
+        kind = pipeline_kind(model) or _hub_pipeline_kind(model)
         if kind in ("sd3", "flux") and isinstance(presets, dict):  # a flow folder or cached hub id: its family recipe
             from rlbench.diffusion.flow_policy import FLOW_PRESETS
 

@@ -202,4 +202,22 @@ def model_family(name: str) -> str | None:
             return None
         return getattr(factory, "family", "ddim")
     kind = pipeline_kind(name)
+    if kind is None:  # a hub id not in the cache: online, its model_index.json (a few hundred bytes) tells
+        kind = _hub_pipeline_kind(name)
     return KIND_FAMILY.get(kind) if kind else None
+
+
+def _hub_pipeline_kind(name: str) -> str | None:
+    parts = str(name).split("/")
+    if len(parts) != 2 or not all(parts) or Path(str(name)).expanduser().exists():
+        return None
+    from rlbench.weights import is_offline
+
+    if is_offline():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return pipeline_kind(Path(hf_hub_download(str(name), "model_index.json")).parent)
+    except Exception:  # no such repo or no network: the loader names it
+        return None
