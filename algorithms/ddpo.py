@@ -162,49 +162,30 @@ class _DDPO(Algorithm):
                ) -> dict[str, float | None]:
         cfg = self.config
         keep = self.train_indices(batch, ctx) if keep is None else keep
-        n, steps = len(keep), batch.log_probs.shape[1]
+        steps = batch.log_probs.shape[1]
         window = max(1, int(steps * cfg.train.timestep_window))  # the first (noisiest) steps; all by default
         n_train = max(1, int(window * cfg.train.timestep_fraction))
         mb, acc = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
-        chunks = step_chunks(n_train, steps_per_forward(cfg, policy.device, policy.family))
         sums: dict[str, float] = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         count = 0
-        n_micro = n // mb
-        for _ in range(cfg.train.num_inner_epochs):
-            order = keep[torch.randperm(n, generator=ctx.generator)]
-            # Each sample gets its own random order of denoising steps (reference L455-471).
-            tperm = torch.stack([torch.randperm(window, generator=ctx.generator) for _ in range(n)])
-            for m in range(n_micro):
-                idx = order[m * mb : (m + 1) * mb]
-                perm = tperm[m * mb : (m + 1) * mb, :n_train].to(batch.latents.device)
-                rows = idx.to(batch.latents.device)[:, None]
-                x_t = batch.latents[rows, perm]  # (mb, n_train, C, h, w)
-                x_next = batch.latents[rows, perm + 1]
-                old_lp = batch.log_probs[rows, perm]
-                ts = batch.step_keys(rows, perm)
-                embeds = batch.prompt_embeds[idx.to(batch.prompt_embeds.device)]
-                adv = batch.advantages[idx.to(batch.advantages.device)]
-                # An optimizer step closes every `acc` micro-batches, and the last (maybe shorter) group of
-                # an inner epoch when GRPO's filter left a number of micro-batches that `acc` does not divide.
-                group = min(acc, n_micro - (m // acc) * acc)
-                # The reference takes one UNet call per trained step (j below); several steps go in one
-                # call here. The weights do not change within a micro-batch and the loss is a mean, so
-                # chunk c's loss weighted by its share k/n_train sums to exactly the per-step losses'
-                # sum / n_train: the same gradient, far fuller batches (tests/test_algorithms.py).
-                for c, (j0, k) in enumerate(chunks):
-                    cut = slice(j0, j0 + k)
-                    loss, info = self.step_loss(
-                        policy, x_t[:, cut].flatten(0, 1), ts[:, cut].flatten(0, 1), x_next[:, cut].flatten(0, 1),
-                        embeds.repeat_interleave(k, dim=0), batch.neg_embeds, old_lp[:, cut].flatten(),
-                        adv.repeat_interleave(k), ctx,
-                    )
-                    sync = ((m + 1) % acc == 0 or m + 1 == n_micro) and c == len(chunks) - 1
-                    ctx.backward(loss * (k / (group * n_train)), sync=sync)
-                    # Per-step means, as the reference logs them: a chunk's mean stands for its k steps.
-                    sums["loss"] += float(loss.detach()) * k
-                    for key, value in info.items():
-                        sums[key] = sums.get(key, 0.0) + float(value) * k
-                    count += k
+        dev = batch.latents.device
+        for idx, perm, k, weight, sync in trained_steps(keep, window, n_train, mb, acc,
+                                                        steps_per_forward(cfg, policy.device, policy.family),
+                                                        cfg.train.num_inner_epochs, ctx.generator):
+            rows, perm = idx.to(dev)[:, None], perm.to(dev)
+            loss, info = self.step_loss(
+                policy, batch.latents[rows, perm].flatten(0, 1), batch.step_keys(rows, perm).flatten(0, 1),
+                batch.latents[rows, perm + 1].flatten(0, 1),
+                batch.prompt_embeds[idx.to(batch.prompt_embeds.device)].repeat_interleave(k, dim=0),
+                batch.neg_embeds, batch.log_probs[rows, perm].flatten(),
+                batch.advantages[idx.to(batch.advantages.device)].repeat_interleave(k), ctx,
+            )
+            ctx.backward(loss * weight, sync=sync)
+            # Per-step means, as the reference logs them: a chunk's mean stands for its k steps.
+            sums["loss"] += float(loss.detach()) * k
+            for key, value in info.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * k
+            count += k
         return {k: v / max(count, 1) for k, v in sums.items()}
 
 
@@ -223,6 +204,35 @@ def steps_per_forward(cfg, device, family: str = "ddim") -> int:
     if k > 0:
         return k
     return CPU_STEPS_PER_FORWARD.get(family, 1) if torch.device(device).type == "cpu" else 1
+
+
+def trained_steps(rows: torch.Tensor, window: int, n_train: int, mb: int, acc: int, per_call: int,
+                  inner_epochs: int, generator: torch.Generator):
+    """The update schedule shared by the per-step algorithms (DDPO, GRPO, NFT), as kvablack/ddpo-pytorch
+    scripts/train.py L444-590 draws it: per inner epoch a shuffle of ``rows`` and, per sample, its own random
+    order of the first ``window`` steps (reference L455-471), of which the first ``n_train`` are trained.
+
+    Yields, per model call, ``(idx (mb,), steps (mb, k), k, weight, sync)``: the micro-batch's samples, the k of its
+    trained steps that share the call (:func:`step_chunks`), the loss weight ``k / (group * n_train)`` and whether
+    the call closes an optimizer step. An optimizer step closes every ``acc`` micro-batches and the last (maybe
+    shorter) group of an inner epoch (GRPO's filter may leave a number of micro-batches ``acc`` does not divide).
+    The weights do not change within a micro-batch and each call's loss is a mean over its rows, so the weighted
+    chunk losses sum to exactly the per-step losses' sum / n_train: the reference's gradient, fuller batches
+    (tests/test_algorithms.py).
+    """
+    n = len(rows)
+    n_micro = n // mb
+    chunks = step_chunks(n_train, per_call)
+    for _ in range(inner_epochs):
+        order = rows[torch.randperm(n, generator=generator)]
+        tperm = torch.stack([torch.randperm(window, generator=generator) for _ in range(n)])
+        for m in range(n_micro):
+            idx = order[m * mb : (m + 1) * mb]
+            perm = tperm[m * mb : (m + 1) * mb, :n_train]
+            group = min(acc, n_micro - (m // acc) * acc)
+            for c, (j0, k) in enumerate(chunks):
+                sync = ((m + 1) % acc == 0 or m + 1 == n_micro) and c == len(chunks) - 1
+                yield idx, perm[:, j0 : j0 + k], k, k / (group * n_train), sync
 
 
 def step_chunks(n_train: int, per_call: int) -> list[tuple[int, int]]:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from rlbench.algorithm import Algorithm, TrainBatch, UpdateContext, option
-from rlbench.algorithms.ddpo import step_chunks, steps_per_forward
+from rlbench.algorithms.ddpo import steps_per_forward, trained_steps
 from rlbench.errors import ConfigError, RunDirError
 from rlbench.train.advantages import flat_group_fraction, group_normalize
 
@@ -323,39 +323,28 @@ class NFT(Algorithm):
             keys = torch.as_tensor(policy.schedule(cfg.sample.num_steps)).to(device)  # (T,) or (T, 3)
         window = max(1, int(len(keys) * cfg.train.timestep_window))
         n_train = max(1, int(window * cfg.train.timestep_fraction))  # reference: int(10 * 0.99) = 9 (L569)
-        n, mb, acc = len(batch), cfg.train.batch_size, cfg.train.gradient_accumulation_steps
-        n_micro = n // mb
-        chunks = step_chunks(n_train, steps_per_forward(cfg, policy.device, policy.family))
+        mb, acc = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
         sums: dict[str, float] = {"loss": 0.0}
         count = 0
-        for _ in range(cfg.train.num_inner_epochs):
-            order = torch.randperm(n, generator=ctx.generator)  # L807
-            tperm = torch.stack([torch.randperm(window, generator=ctx.generator) for _ in range(n)])  # L810-816
-            for m in range(n_micro):
-                idx = order[m * mb:(m + 1) * mb]
-                dev_idx = idx.to(device)
-                x0_mb = x0_all[dev_idx]
-                embeds = batch.prompt_embeds[idx.to(batch.prompt_embeds.device)]
-                adv = batch.advantages[idx.to(batch.advantages.device)]
-                steps = tperm[m * mb:(m + 1) * mb, :n_train].to(device)  # (mb, n_train)
-                group = min(acc, n_micro - (m // acc) * acc)
-                for c, (j0, k) in enumerate(chunks):
-                    # k trained steps of every sample in one call (rows sample-major, like DDPO's chunks): the
-                    # loss is a mean over rows, so weighting it by k / (group n_train) gives the reference's sum
-                    # over steps / (grad_accum num_train_timesteps) (L801, L983).
-                    key = keys[steps[:, j0:j0 + k].reshape(-1)]
-                    x0 = x0_mb.repeat_interleave(k, dim=0)
-                    noise = torch.randn(x0.shape, generator=ctx.generator).to(device)  # fresh eps (L868)
-                    x_t = policy.noised(x0, noise, key)
-                    cond = embeds.repeat_interleave(k, dim=0)
-                    loss, info = self._step(policy, x0, x_t, key, cond, batch.neg_embeds,
-                                            adv.repeat_interleave(k), guidance, ctx)
-                    sync = ((m + 1) % acc == 0 or m + 1 == n_micro) and c == len(chunks) - 1
-                    ctx.backward(loss * (k / (group * n_train)), sync=sync)
-                    sums["loss"] += float(loss.detach()) * k
-                    for name, value in info.items():
-                        sums[name] = sums.get(name, 0.0) + float(value) * k
-                    count += k
+        # DDPO's schedule (shuffle L807, a step order per sample L810-816); each call trains k steps of every
+        # sample, and its weight k / (group n_train) gives the reference's sum over steps / (grad_accum
+        # num_train_timesteps) (L801, L983).
+        for idx, steps, k, weight, sync in trained_steps(torch.arange(len(batch)), window, n_train, mb, acc,
+                                                         steps_per_forward(cfg, policy.device, policy.family),
+                                                         cfg.train.num_inner_epochs, ctx.generator):
+            dev_idx = idx.to(device)
+            key = keys[steps.to(device).reshape(-1)]
+            x0 = x0_all[dev_idx].repeat_interleave(k, dim=0)
+            noise = torch.randn(x0.shape, generator=ctx.generator).to(device)  # fresh eps (L868)
+            x_t = policy.noised(x0, noise, key)
+            cond = batch.prompt_embeds[idx.to(batch.prompt_embeds.device)].repeat_interleave(k, dim=0)
+            adv = batch.advantages[idx.to(batch.advantages.device)].repeat_interleave(k)
+            loss, info = self._step(policy, x0, x_t, key, cond, batch.neg_embeds, adv, guidance, ctx)
+            ctx.backward(loss * weight, sync=sync)
+            sums["loss"] += float(loss.detach()) * k
+            for name, value in info.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * k
+            count += k
         metrics: dict[str, float | None] = {key: v / max(count, 1) for key, v in sums.items()}
         # The old policy moves after the epoch (L1034-1039), its decay read at the run's optimizer steps (L1035).
         self.global_step += ctx.steps

@@ -144,3 +144,56 @@ def test_draft_sampling_with_gradients_is_bit_identical_to_the_ddim_loop(policy_
     assert torch.equal(x0.detach(), x.detach())
     old = grads(x)
     assert all(torch.equal(a, b) for a, b in zip(new, old))
+
+
+def test_ddpo_update_gradient_equals_the_old_per_step_ddim_replay(policy_and_base):
+    """The DDPO-IS update (TrainBatch with a Conditioning record, per-sample step keys, the shared step schedule)
+    gives the gradient of the loop it replaced: every stored step re-scored with ``ddim_step_with_logprob`` on the
+    stored action, the PPO loss averaged over steps (ratio 1 before the first optimizer step)."""
+    from accelerate import Accelerator
+
+    from rlbench.algorithm import TrainBatch, UpdateContext, make_algorithm
+    from rlbench.algorithms.ddpo import ppo_clip_loss
+    from rlbench.config import load_config
+
+    policy, _ = policy_and_base
+    cfg = load_config(values={"model": {"name": "shapes"}, "algorithm": {"name": "ddpo-is"},
+                              "sample": {"num_steps": 3, "batch_size": 4, "num_batches_per_epoch": 1,
+                                         "guidance_scale": 5.0, "images_per_prompt": 1},
+                              "train": {"batch_size": 4, "gradient_accumulation_steps": 1, "steps_per_forward": 1,
+                                        "timestep_window": 1.0, "max_grad_norm": 0.0}})
+    neg = policy.encode_prompts([""])
+    ro = policy.sample(PROMPTS, num_steps=3, eta=1.0, guidance_scale=5.0, generator=torch.Generator().manual_seed(2),
+                       neg_embeds=neg)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    batch = TrainBatch(latents=ro.latents, log_probs=ro.log_probs, timesteps=ro.timesteps, prompt_embeds=ro.prompt_embeds,
+                       neg_embeds=neg, rewards=torch.zeros(4), advantages=adv, prompts=list(PROMPTS))
+    params = policy.trainable_parameters()
+    for p in params:  # the module-scoped policy may carry another test's gradients
+        p.grad = None
+    captured: list[torch.Tensor] = []
+
+    class Capture(torch.optim.SGD):
+        def step(self, closure=None):  # keep the gradient instead of applying it
+            captured.extend(p.grad.clone() for p in params)
+
+    ctx = UpdateContext(cfg, Capture(params, lr=0.0), Accelerator(cpu=True), torch.Generator().manual_seed(7), params,
+                        policy)
+    make_algorithm(cfg).update(policy, batch, ctx)
+    assert len(captured) == len(params)
+
+    for p in params:
+        p.grad = None
+    sched = policy.scheduler
+    sched.set_timesteps(3)
+    embeds, neg_e = _embeds(policy, PROMPTS), _embeds(policy, [""])
+    loss = 0.0
+    for k, t in enumerate(sched.timesteps):
+        eps = policy.guided_eps(ro.latents[:, k], t, embeds, neg_e, 5.0)
+        _, lp = ddim_step_with_logprob(sched, eps, t, ro.latents[:, k], eta=1.0, prev_sample=ro.latents[:, k + 1])
+        loss = loss + ppo_clip_loss(lp, ro.log_probs[:, k], adv)[0] / 3
+    loss.backward()
+    scale = max(float(g.abs().max()) for g in captured)
+    assert scale > 0
+    for got, p in zip(captured, params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6 * scale)

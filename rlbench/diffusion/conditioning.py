@@ -50,9 +50,6 @@ class Conditioning:
     def device(self) -> torch.device:
         return next(iter(self.batched.values())).device
 
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.batched.get(name, self.shared.get(name, default))
-
     def _map(self, fn) -> Conditioning:
         return Conditioning({k: fn(v) for k, v in self.batched.items()}, dict(self.shared))
 

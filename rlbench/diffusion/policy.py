@@ -36,7 +36,6 @@ from rlbench.diffusion.sampler import Sampler
 from rlbench.errors import ConfigError, UnknownNameError
 from rlbench.registry import MODELS
 from rlbench.utils.hf import quiet_hf
-from rlbench.weights import is_offline
 
 
 RLBENCH_MODEL_FILE = "rlbench.json"  # optional model-folder metadata: pixel_shuffle, default_prompts
@@ -364,7 +363,7 @@ def load_policy(name: str, revision: str = "") -> Policy:
     as a :class:`~rlbench.diffusion.flow_policy.FlowPolicy`, a ``StableDiffusionXLPipeline`` as an SDXL
     :class:`DiffusionPolicy` (through the pipeline), anything else as a UNet :class:`DiffusionPolicy`.
     """
-    from rlbench.diffusion.sampler import pipeline_kind
+    from rlbench.diffusion.sampler import _hub_pipeline_kind, pipeline_kind
 
     if name in MODELS:
         return MODELS.make(name, {"revision": revision} if revision else {}, returns=Policy)
@@ -381,7 +380,7 @@ def load_policy(name: str, revision: str = "") -> Policy:
             return FlowPolicy.from_pretrained(path, kind, name=str(path))
         return DiffusionPolicy.from_pretrained(path, name=str(path), kind="sdxl" if kind == "sdxl" else "sd")
     if _looks_like_hub_id(name):
-        kind = pipeline_kind(name) or _hub_kind(name, revision)
+        kind = pipeline_kind(name) or _hub_pipeline_kind(name, revision)
         if kind in ("sd3", "flux"):
             from rlbench.diffusion.flow_policy import FlowPolicy
 
@@ -392,21 +391,6 @@ def load_policy(name: str, revision: str = "") -> Policy:
         MODELS.unknown_message(name) + " Or give a diffusers folder (with unet/ or transformer/, scheduler/, "
         "text encoders, tokenizers) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
     )
-
-
-def _hub_kind(name: str, revision: str) -> str | None:
-    """The pipeline kind of a hub id not in the cache, from its model_index.json when online (None offline)."""
-    if is_offline():
-        return None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        from rlbench.diffusion.sampler import pipeline_kind
-
-        folder = Path(hf_hub_download(name, "model_index.json", revision=revision or None)).parent
-        return pipeline_kind(folder)
-    except Exception:  # no such repo or no network: the loader names it
-        return None
 
 
 def _looks_like_hub_id(name: str) -> bool:

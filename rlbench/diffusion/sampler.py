@@ -85,11 +85,6 @@ class Sampler:
     def stochastic(self) -> bool:
         return self.name != "ode" and self.noise > 0
 
-    @property
-    def normalised(self) -> bool:
-        """Whether its log-prob is a density (CPS's is an unnormalised -MSE, flow_grpo ``sde_type == 'cps'``)."""
-        return self.name != "cps"
-
     def deterministic(self) -> Sampler:
         """The family's deterministic sampler (DDIM eta = 0, the Euler ODE)."""
         return Sampler("ddim", 0.0) if self.family == "ddim" else Sampler("ode", 0.0)
@@ -207,7 +202,8 @@ def model_family(name: str) -> str | None:
     return KIND_FAMILY.get(kind) if kind else None
 
 
-def _hub_pipeline_kind(name: str) -> str | None:
+def _hub_pipeline_kind(name: str, revision: str | None = None) -> str | None:
+    """The pipeline kind of a hub id not in the cache, from its model_index.json when online (None offline)."""
     parts = str(name).split("/")
     if len(parts) != 2 or not all(parts) or Path(str(name)).expanduser().exists():
         return None
@@ -218,6 +214,6 @@ def _hub_pipeline_kind(name: str) -> str | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        return pipeline_kind(Path(hf_hub_download(str(name), "model_index.json")).parent)
+        return pipeline_kind(Path(hf_hub_download(str(name), "model_index.json", revision=revision or None)).parent)
     except Exception:  # no such repo or no network: the loader names it
         return None

@@ -28,7 +28,7 @@ import torch
 
 from rlbench.diffusion.flow_policy import PixelFlowPolicy
 from rlbench.shapes.model import CFG_DROPOUT, EMA_DECAY, EVAL_DEFAULTS, IMAGE_SIZE, MAX_TOKENS, PIXEL_SHUFFLE, \
-    TEXT_CONFIG, TEXT_DIM, pretrain_loop, write_tokenizer
+    TEXT_CONFIG, TEXT_DIM, batch_tensors, pretrain_loop, write_tokenizer
 
 # stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
@@ -120,10 +120,7 @@ def pretrain(
     gen = torch.Generator().manual_seed(seed)
 
     def loss_of(images: np.ndarray, captions: list[str]) -> torch.Tensor:  # rectified flow's velocity loss
-        x0 = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        x0 = torch.nn.functional.pixel_unshuffle(x0, PIXEL_SHUFFLE)
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids.to(dev)
+        x0, ids = batch_tensors(images, captions, tokenizer, dev)
         sigma = training_sigmas(scheduler, len(captions), gen).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         s = sigma.view(-1, 1, 1, 1)

@@ -206,6 +206,16 @@ def world_batches(steps: int, batch_size: int, seed: int, workers: int = 0):
             yield window.popleft().result()
 
 
+def batch_tensors(images: np.ndarray, captions: list[str], tokenizer: Any, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pretraining batch as the shapes models see it: space-to-depth pixels in [-1, 1] (B, 12, 16, 16) and
+    the captions' token ids (B, MAX_TOKENS)."""
+    x0 = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return torch.nn.functional.pixel_unshuffle(x0, PIXEL_SHUFFLE), ids
+
+
 def pretrain_loop(
     params: list[torch.nn.Parameter],
     loss_of: Callable[[np.ndarray, list[str]], torch.Tensor],
@@ -289,10 +299,7 @@ def pretrain(
     gen = torch.Generator().manual_seed(seed)
 
     def loss_of(images: np.ndarray, captions: list[str]) -> torch.Tensor:  # DDPM's epsilon loss
-        x0 = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        x0 = torch.nn.functional.pixel_unshuffle(x0, PIXEL_SHUFFLE)
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids.to(dev)
+        x0, ids = batch_tensors(images, captions, tokenizer, dev)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=gen).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
