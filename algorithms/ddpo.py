@@ -7,6 +7,7 @@ per trained timestep and accumulates gradients, as kvablack/ddpo-pytorch scripts
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,7 +54,8 @@ def ppo_clip_loss(
     ``log_prob``; ``old_log_prob`` and ``advantages`` are detached (they are sampling-time data).
 
     ``info`` (detached): ``approx_kl = 0.5·mean((log_prob - old)^2)`` (the reference's estimator,
-    not Schulman's k3) and ``clipfrac = mean(|ratio - 1| > ε)``.
+    not Schulman's k3), ``clipfrac = mean(|ratio - 1| > ε)`` and ``ratios``, the per-element ratio (the update
+    loop averages it per denoising step: ``ratio_by_step``, GRPO-Guard's diagnostic).
     """
     _check_shapes(log_prob, old_log_prob, advantages)
     adv = torch.clamp(advantages.detach(), -adv_clip_max, adv_clip_max)
@@ -66,8 +68,15 @@ def ppo_clip_loss(
         info = {
             "approx_kl": 0.5 * torch.mean(log_ratio**2),
             "clipfrac": torch.mean((torch.abs(ratio - 1.0) > clip_range).float()),
+            RATIOS: ratio.detach(),
         }
     return loss, info
+
+
+# The per-element importance ratios a step loss may return in its info; the update loop pops them and logs their
+# mean per trained denoising step (`ratio_by_step` in metrics.jsonl): GRPO-Guard (Wang et al. 2025) found the mean
+# drifting below 1 at the low-noise steps of Flow-GRPO, which the PPO clip then fails to bound.
+RATIOS = "ratios"
 
 
 def score_function_loss(
@@ -169,6 +178,8 @@ class _DDPO(Algorithm):
         sums: dict[str, float] = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         count = 0
         dev = batch.latents.device
+        ratio_sum = torch.zeros(steps, dtype=torch.float64)
+        ratio_count = torch.zeros(steps, dtype=torch.float64)
         for idx, perm, k, weight, sync in trained_steps(keep, window, n_train, mb, acc,
                                                         steps_per_forward(cfg, policy.device, policy.family),
                                                         cfg.train.num_inner_epochs, ctx.generator):
@@ -181,12 +192,20 @@ class _DDPO(Algorithm):
                 batch.advantages[idx.to(batch.advantages.device)].repeat_interleave(k), ctx,
             )
             ctx.backward(loss * weight, sync=sync)
+            ratios = info.pop(RATIOS, None)
+            if ratios is not None:  # element i * k + j is sample i's step perm[i, j] (the flatten above)
+                at = perm.flatten().cpu()
+                ratio_sum.index_add_(0, at, ratios.detach().double().cpu())
+                ratio_count.index_add_(0, at, torch.ones(len(at), dtype=torch.float64))
             # Per-step means, as the reference logs them: a chunk's mean stands for its k steps.
             sums["loss"] += float(loss.detach()) * k
             for key, value in info.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * k
             count += k
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        metrics: dict[str, Any] = {k: v / max(count, 1) for k, v in sums.items()}
+        if ratio_count.any():  # the mean ratio of each stored step (null where none was trained)
+            metrics["ratio_by_step"] = [float(s / c) if c else None for s, c in zip(ratio_sum, ratio_count)]
+        return metrics
 
 
 # Auto steps per denoiser call on a CPU. UNet (issue 12's settings: micro-batch 2, 20 trained steps, 2 cores): one

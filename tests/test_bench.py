@@ -28,9 +28,9 @@ def test_every_shipped_spec_validates():
     by_suite: dict[str, list] = {}
     for s in good:
         by_suite.setdefault(s.suite, []).append(s)
-        assert s.path.parent.name == s.suite and s.path.stem == s.id
+        assert s.suite.startswith(s.path.parent.name) and s.path.stem == s.id  # shapes/*-v2: suite shapes-v2
         assert set(s.configs) == set(s.seeds)  # every seed resolved by rlbench.config.resolve
-    assert set(by_suite) == {"ddpo-paper", "shapes"}
+    assert set(by_suite) == {"ddpo-paper", "shapes", "shapes-v2"}  # shapes-v2: tests/test_shapes_v2.py
     paper, shapes = by_suite["ddpo-paper"], by_suite["shapes"]
     # The paper: 4 tasks x 4 algorithms, Table D.5.
     assert {(s.reward, s.train["algorithm"]["name"]) for s in paper} == {
@@ -65,7 +65,7 @@ def test_every_shipped_spec_validates():
 
 def test_specs_are_found_by_path_suite_and_id():
     assert (packaged_root() / "shapes" / "clip-rwr-v1.toml").is_file()  # package data (rlbench.benchmarks)
-    assert len(find_specs("shapes")) == 18 and len(find_specs(ROOT / "benchmarks" / "ddpo-paper")) == 16
+    assert len(find_specs("shapes")) == 18 + 19 and len(find_specs(ROOT / "benchmarks" / "ddpo-paper")) == 16
     assert find_specs("shapes/clip-rwr-v1") == find_specs("clip-rwr-v1") == [packaged_root() / "shapes/clip-rwr-v1.toml"]
     with pytest.raises(ConfigError, match="ambiguous"):
         find_specs("aesthetic-rwr-v1")  # in both suites
@@ -143,7 +143,7 @@ def test_cli_bench_list_and_validate(runner, tmp_path):
     assert "compressibility-ddpo-is-v1" in res.output and "gold-rwr-sparse-v1" in res.output
     res = runner.invoke(app, ["bench", "validate"])
     assert res.exit_code == 0, res.output
-    assert "34 specs valid." in res.output
+    assert "53 specs valid." in res.output  # 16 paper + 18 shapes v1 + 19 shapes v2
     # A folder with one good and two bad specs: exit 2, every invalid one named.
     _copy(tmp_path)
     _copy(tmp_path, lambda t: t.replace("[eval]\n", "[eval]\nimages = 3\n").replace("clip-ddpo-is", "bad-a"), "bad-a-v1.toml")

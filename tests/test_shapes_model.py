@@ -56,9 +56,9 @@ def test_quality_table_reports_matching_and_mismatched(pretrained):
     from rlbench.shapes.quality import quality_table
 
     table = quality_table(load_policy(str(pretrained)), splits=["train"], n=4, num_steps=2)
-    assert set(table.columns) == {"split", "template", "n", "matching", "mismatched"}
+    assert set(table.columns) == {"split", "template", "n", "matching", "mismatched", "aesthetic_gold"}
     assert table.loc[table.template == "all", "n"].item() == 4
-    assert table[["matching", "mismatched"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert table[["matching", "mismatched", "aesthetic_gold"]].apply(lambda c: c.between(0, 1)).all().all()
 
 
 def test_missing_shipped_weights_name_the_command(monkeypatch, tmp_path):

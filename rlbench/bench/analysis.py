@@ -13,6 +13,9 @@ data first (CSV) with a formatted view (Markdown, LaTeX); seeds are aggregated a
 * ``efficiency``: per trained reward, the algorithms ranked by the area under their gain-vs-reward-queries
   curve (the mean gain over the budget, trapezoids from the base model at 0 queries), with the gain at
   half and at the full budget (linear between checkpoints).
+
+With three or more seeds per spec, :mod:`rlbench.bench.stats` adds confidence intervals, pairwise Welch tests,
+the comparison at equal wall time and the importance ratio per denoising step.
 """
 
 from __future__ import annotations
@@ -25,41 +28,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rlbench.bench.common import _frame, _golds, _msd
 from rlbench.errors import RunDirError
 from rlbench.eval.tables import Table, num, write_table
-
-
-def spec_info(specs: Sequence[Any]) -> pd.DataFrame:
-    """spec id -> algorithm, trained reward (one row per spec)."""
-    return pd.DataFrame([{"spec": s.id, "algorithm": s.train["algorithm"]["name"], "trained": s.reward}
-                         for s in specs])
-
-
-def _msd(values: Sequence[float], digits: int = 3, signed: bool = True) -> str:
-    """``+0.123 ± 0.045`` over seeds (sd, ddof 1); one value alone without the ±."""
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    if not v:
-        return "–"
-    m = float(np.mean(v))
-    head = f"{m:+.{digits}g}" if signed else f"{m:.{digits}g}"
-    return head if len(v) < 2 else f"{head} ± {float(np.std(v, ddof=1)):.2g}"
 
 
 def _curve(d: pd.DataFrame) -> pd.DataFrame:
     """One run's (checkpoint, reward_queries, mean, delta) on one prompt set and reward, sorted."""
     return d.sort_values("checkpoint")[["checkpoint", "reward_queries", "mean", "delta"]]
-
-
-def _frame(summary: pd.DataFrame, specs: Sequence[Any]) -> pd.DataFrame:
-    return summary.merge(spec_info(specs), on="spec", how="inner")
-
-
-def _golds(summary: pd.DataFrame, specs: Sequence[Any]) -> list[str]:
-    """The gold rewards the specs' models declare (``eval_defaults``) that the evaluations scored."""
-    from rlbench.eval.plan import model_eval_defaults
-
-    declared = {g for s in specs for g in model_eval_defaults(s.train["model"]["name"]).get("gold_rewards", [])}
-    return sorted(declared & set(summary["reward"].unique()))
 
 
 def overoptimisation(summary: pd.DataFrame, specs: Sequence[Any]) -> Table:
@@ -332,15 +308,21 @@ def plots(summary: pd.DataFrame, specs: Sequence[Any], oo: Table | None = None) 
 
 def write(root: Path, summary: pd.DataFrame | None, specs: Sequence[Any]) -> dict[str, Table]:
     """``<root>/tables/`` (md, csv, tex), ``<root>/plots/`` and ``<root>/report.html``; returns the tables."""
+    from rlbench.bench import stats
     from rlbench.eval.report import CSS, img_html, table_html
     from rlbench.train.rundir import atomic_write_bytes, atomic_write_text
 
     if summary is None or summary.empty:
         return {}
-    tables = all_tables(summary, specs, run_extras(root, specs))
+    extras = run_extras(root, specs)
+    tables = all_tables(summary, specs, extras)
+    figs = plots(summary, specs, tables["overoptimisation"])
+    if stats.applies(summary, specs):  # three or more seeds per spec: intervals, tests, equal time, ratios
+        more = stats.all_tables(root, summary, specs)
+        tables.update(more)
+        figs.update(stats.plots(summary, specs, extras, more.get("ratio_by_step")))
     for t in tables.values():
         write_table(t, root / "tables")
-    figs = plots(summary, specs, tables["overoptimisation"])
     (root / "plots").mkdir(parents=True, exist_ok=True)
     for name, data in figs.items():
         atomic_write_bytes(root / "plots" / name, data)
@@ -353,6 +335,12 @@ def write(root: Path, summary: pd.DataFrame | None, specs: Sequence[Any]) -> dic
              table_html(tables["efficiency"]), img_html(figs["curves.png"], "curves") if "curves.png" in figs else "",
              table_html(tables["overoptimisation"]),
              img_html(figs["proxy_vs_gold.png"], "proxy vs gold") if "proxy_vs_gold.png" in figs else "",
-             table_html(tables["transfer"]), table_html(tables["comparison"]), "</body></html>"]
+             table_html(tables["transfer"]), table_html(tables["comparison"])]
+    for name, plot in stats.REPORT:  # the statistics of a suite with three or more seeds, when made
+        if name in tables:
+            parts.append(table_html(tables[name]))
+        if plot in figs:
+            parts.append(img_html(figs[plot], plot.removesuffix(".png").replace("_", " ")))
+    parts.append("</body></html>")
     atomic_write_text(root / "report.html", "\n".join(parts))
     return tables

@@ -86,15 +86,16 @@ def _checkpoint_count(spec: Spec) -> int:
     return len(set(c) | {0})
 
 
-def _prompt_count(name: str, per_set: int) -> int:
-    if per_set:
-        return per_set
+def _prompt_count(name: str, per_set: int | dict[str, int]) -> int:
+    if isinstance(per_set, dict):
+        per_set = per_set.get(name, 0)
     try:
         from rlbench.prompts import load_prompts
 
-        return len(load_prompts(name).prompts)
+        total = len(load_prompts(name).prompts)
     except Exception:  # noqa: BLE001 - an estimate only
-        return 16
+        return per_set or 16
+    return min(per_set, total) if per_set else total
 
 
 def run_plan(spec: Spec, seed: int) -> RunPlan:
@@ -389,7 +390,7 @@ def _evaluate(spec: Spec, train_dir: Path, out: Path, cache: Path, device: str) 
     evaluate([train_dir], rewards=list(ev["rewards"]), out=out, overwrite=True, batch_size=ev.get("batch_size", 32),
              prompts=list(ev["prompts"]), checkpoints=spec.eval_checkpoints(),
              images_per_prompt=ev["images_per_prompt"], prompts_per_set=ev["prompts_per_set"] or None,
-             seed=ev["seed"], eta=ev["eta"], steps=ev["steps"], guidance=ev["guidance"], cache=cache,
+             seed=ev["seed"], eta=ev.get("eta"), sampler=ev.get("sampler"), steps=ev["steps"], guidance=ev["guidance"], cache=cache,
              features=ev.get("features"), device=device)
 
 
@@ -492,6 +493,8 @@ def write_readme(root: Path, specs: Sequence[Spec], wall: float | None, by: str 
         tables = analysis.write(root, summary, specs)
     derived = "".join(f"\n## {t.title}\n\n{t.caption}\n\n{markdown_table(t.display)}" for t in tables.values())
     suite = ", ".join(sorted({s.suite for s in specs}))
+    extra_plots = "".join(f", `plots/{n}`" for n in ("gain_vs_gold.png", "ratio_by_step.png") if (root / "plots" / n).is_file()
+                          and "intervals" in tables)
     text = f"""# Benchmark results: {suite}
 
 Written by `{by}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Every number comes out of
@@ -510,7 +513,7 @@ Change from the base model at each run's last checkpoint, on the training prompt
 (mean ± sd over seeds; the full data is `summary.csv`).
 
 {main_table(summary)}{derived}
-Plots: `plots/curves.png` (change from base against reward queries), `plots/proxy_vs_gold.png`;
+Plots: `plots/curves.png` (change from base against reward queries), `plots/proxy_vs_gold.png`{extra_plots};
 all of it in `report.html`. Regenerate with `rlbench bench report {root}`.
 
 ## Runs

@@ -59,7 +59,7 @@ REQUIRED_TRAIN: dict[str, tuple[str, ...]] = {
     "run": ("epochs",),
     "model": ("name", "train_mode"),
     "prompts": ("name",),
-    "sample": ("num_steps", "eta", "guidance_scale", "batch_size", "num_batches_per_epoch", "images_per_prompt"),
+    "sample": ("num_steps", "guidance_scale", "batch_size", "num_batches_per_epoch", "images_per_prompt"),
     "algorithm": ("name",),
     "train": ("batch_size", "gradient_accumulation_steps", "num_inner_epochs", "timestep_fraction",
               "timestep_window", "learning_rate", "adam_beta1", "adam_beta2", "weight_decay", "adam_epsilon",
@@ -68,6 +68,9 @@ REQUIRED_TRAIN: dict[str, tuple[str, ...]] = {
     "checkpoint": ("every",),
 }
 REQUIRED_LORA = ("lora_rank", "lora_alpha")
+# The sampler's own settings, per model family (rlbench.diffusion.sampler): DDIM's eta; a flow model's sampler
+# and its noise level (flow-sde's a, dance-sde's eta, ...). The other family's keys are errors in resolution.
+REQUIRED_SAMPLER: dict[str, tuple[str, ...]] = {"ddim": ("eta",), "flow": ("sampler", "noise_level")}
 # Set by the runner, never by a spec.
 FORBIDDEN_TRAIN = {"run.seed": "set by [benchmark] seeds", "run.out": "set by `rlbench bench run --out`",
                    "reward": "the trained reward is the spec's [reward] table (name and version)"}
@@ -77,13 +80,14 @@ EVAL_KEYS: dict[str, type | tuple[type, ...]] = {
     "prompts": list,              # prompt sets: the training set and the held-out sets
     "rewards": list,              # rewards scored (the trained one, cross rewards, gold rewards)
     "images_per_prompt": int,
-    "prompts_per_set": int,       # a fixed, seeded subset of each larger set; 0 = all
+    "prompts_per_set": (int, dict),  # a fixed, seeded subset of each larger set (0 = all), or {set: n} per set
     "seed": int,                  # eval noise seed (paired across checkpoints and runs)
     "steps": int,                 # sampler settings of the evaluation
-    "eta": float,
     "guidance": float,
 }
-EVAL_OPTIONAL: dict[str, type | tuple[type, ...]] = {"features": str, "batch_size": int}
+# eval.eta for DDIM models (required there), eval.sampler for flow models (required there: ode, what peers
+# report, or the training sampler).
+EVAL_OPTIONAL: dict[str, type | tuple[type, ...]] = {"features": str, "batch_size": int, "eta": float, "sampler": str}
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -260,6 +264,9 @@ def load_spec(path: str | Path, *, resolve: bool = True) -> Spec:
                     raise ConfigError(f"{path}: unknown key 'train.{sname}.{key}'.{hint} Valid keys in "
                                       f"[train.{sname}]: {', '.join(fields)}.")
     missing = [f"train.{s}.{k}" for s, keys in REQUIRED_TRAIN.items() for k in keys if k not in train.get(s, {})]
+    family = _family(train.get("model", {}).get("name"))
+    if family in REQUIRED_SAMPLER:
+        missing += [f"train.sample.{k}" for k in REQUIRED_SAMPLER[family] if k not in train.get("sample", {})]
     if train.get("model", {}).get("train_mode", "lora") == "lora":
         missing += [f"train.model.{k}" for k in REQUIRED_LORA if k not in train.get("model", {})]
     if missing:
@@ -271,14 +278,38 @@ def load_spec(path: str | Path, *, resolve: bool = True) -> Spec:
                 reward_version=reward["version"], reward_options=dict(reward.get("options", {})),
                 train=train, eval=ev, reference=bench.get("reference", ""),
                 sha256=hashlib.sha256(raw).hexdigest())
-    _check_eval_shape(spec)
+    _check_eval_shape(spec, family)
     if resolve:
         validate(spec)
     return spec
 
 
-def _check_eval_shape(spec: Spec) -> None:
+def _family(model: Any) -> str | None:
+    """"ddim" or "flow" for the spec's model name (None when it cannot be told: resolution reports it)."""
+    if not isinstance(model, str) or not model:
+        return None
+    from rlbench.diffusion.sampler import model_family
+
+    try:
+        return model_family(model)
+    except RLBenchError:
+        return None
+
+
+def _check_eval_shape(spec: Spec, family: str | None = None) -> None:
     path, ev = spec.path, spec.eval
+    if family == "flow":
+        if "eta" in ev:
+            raise ConfigError(f"{path}: eval.eta is DDIM's; a flow model's evaluation names eval.sampler "
+                              "(ode, or the training sampler) instead.")
+        if "sampler" not in ev:
+            raise ConfigError(f"{path}: missing key eval.sampler (a flow model's evaluation sampler: ode, what peers "
+                              "report, or the training sampler, e.g. flow-sde).")
+    elif family == "ddim":
+        if "sampler" in ev:
+            raise ConfigError(f"{path}: eval.sampler is for flow models; a DDIM model's evaluation sets eval.eta.")
+        if "eta" not in ev:
+            raise ConfigError(f"{path}: missing key eval.eta (the DDIM eta of the evaluation; 0 = deterministic).")
     c = ev["checkpoints"]
     if isinstance(c, str):
         if c not in ("auto", "all", "last"):
@@ -298,9 +329,17 @@ def _check_eval_shape(spec: Spec) -> None:
     for key in ("images_per_prompt", "steps"):
         if ev[key] < 1:
             raise ConfigError(f"{path}: eval.{key} must be >= 1, got {ev[key]}.")
-    if ev["prompts_per_set"] < 0 or ev["seed"] < 0:
-        raise ConfigError(f"{path}: eval.prompts_per_set and eval.seed must be >= 0.")
-    if not 0.0 <= ev["eta"] <= 1.0 or ev["guidance"] < 0:
+    per_set = ev["prompts_per_set"]
+    if isinstance(per_set, dict):
+        if set(per_set) != set(ev["prompts"]):
+            raise ConfigError(f"{path}: eval.prompts_per_set names {', '.join(sorted(per_set)) or 'no set'}, but "
+                              f"eval.prompts is {', '.join(ev['prompts'])}: give a number for each prompt set.")
+        counts = list(per_set.values())
+    else:
+        counts = [per_set]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts) or ev["seed"] < 0:
+        raise ConfigError(f"{path}: eval.prompts_per_set (each number) and eval.seed must be integers >= 0.")
+    if not 0.0 <= ev.get("eta", 0.0) <= 1.0 or ev["guidance"] < 0:
         raise ConfigError(f"{path}: eval.eta must be in [0, 1] and eval.guidance >= 0.")
 
 

@@ -316,7 +316,7 @@ def evaluate(
     prompts: Sequence[str] | str | None = None,
     checkpoints: str | Sequence[int] | None = None,
     images_per_prompt: int = 4,
-    prompts_per_set: int | None = 16,
+    prompts_per_set: int | Mapping[str, int] | None = 16,
     seed: int = 0,
     eta: float | None = None,
     steps: int | None = None,
@@ -341,7 +341,8 @@ def evaluate(
         checkpoints: ``"auto"`` (default: up to 4 evenly spaced, the last included), ``"all"``, ``"last"``,
             or epoch numbers; the base model (0) is always included.
         images_per_prompt: images per prompt (each with its own fixed noise).
-        prompts_per_set: a fixed, seeded subset of this many prompts of each larger set (0/None: all).
+        prompts_per_set: a fixed, seeded subset of this many prompts of each larger set (0/None: all); a mapping
+            gives each prompt set its own number (every evaluated set named).
         seed: the eval seed; with the prompt and the image index it fixes every image's noise.
         eta, steps, guidance: sampler settings (default: each run's own); ``eta=0`` is the deterministic
             DDIM sampler.

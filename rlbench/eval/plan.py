@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,6 +307,28 @@ def subset(n_total: int, n: int | None, seed: int, name: str) -> list[int]:
     return sorted(int(i) for i in rng.choice(n_total, size=n, replace=False))
 
 
+def prompt_set_plans(set_names: Sequence[str], prompts_per_set: int | Mapping[str, int] | None,
+                     seed: int) -> list[PromptSetPlan]:
+    """The evaluated prompts of each set: a fixed, seeded subset of ``prompts_per_set`` prompts (0/None: all), one
+    number for every set or a ``{set: n}`` mapping that names each of them."""
+    from rlbench.prompts import load_prompts
+
+    per_set = dict(prompts_per_set) if isinstance(prompts_per_set, Mapping) else None
+    for n in (per_set.values() if per_set is not None else [prompts_per_set]):
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise InputError(f"--prompts-per-set must be >= 0 (0: every prompt), got {n!r}.")
+    if per_set is not None and set(per_set) != set(set_names):
+        raise InputError(f"prompts per set given for {', '.join(sorted(per_set)) or 'no set'}, but the evaluation's "
+                         f"prompt sets are {', '.join(set_names)}: give a number for each of them.")
+    sets = []
+    for name in set_names:
+        ps = load_prompts(name)
+        idx = subset(len(ps.prompts), per_set[name] if per_set is not None else prompts_per_set, seed, ps.name)
+        sets.append(PromptSetPlan(name, [ps.prompts[i] for i in idx], [dict(ps.metadata[i]) for i in idx],
+                                  len(ps.prompts)))
+    return sets
+
+
 def make_plan(
     run_dirs: Sequence[str | Path],
     rewards: Sequence[str] | None = None,
@@ -322,15 +344,12 @@ def make_plan(
     sampler: str | None = None,
 ) -> EvalPlan:
     """Resolve and check everything an evaluation needs; raises one :class:`RLBenchError` on bad input."""
-    from rlbench.prompts import load_prompts
     from rlbench.registry import make_reward
 
     if not run_dirs:
         raise InputError("give at least one run directory.")
     if images_per_prompt < 1:
         raise InputError(f"--images-per-prompt must be >= 1, got {images_per_prompt}.")
-    if prompts_per_set is not None and prompts_per_set < 0:
-        raise InputError(f"--prompts-per-set must be >= 0 (0: every prompt), got {prompts_per_set}.")
     plans, trained_specs = [], []
     for path in run_dirs:
         plan, reward_name, reward_options = plan_run(path, checkpoints, steps, eta, guidance, sampler)
@@ -351,12 +370,7 @@ def make_plan(
         for p in plans:
             set_names += [p.train_prompts, *declared[p.model].get("prompt_sets", [])]
         set_names = list(dict.fromkeys(set_names))
-    sets = []
-    for name in set_names:
-        ps = load_prompts(name)
-        idx = subset(len(ps.prompts), prompts_per_set, seed, ps.name)
-        sets.append(PromptSetPlan(name, [ps.prompts[i] for i in idx], [dict(ps.metadata[i]) for i in idx],
-                                  len(ps.prompts)))
+    sets = prompt_set_plans(set_names, prompts_per_set, seed)
 
     # rewards: trained (+ components), watch, declared gold, then the extra ones given
     specs: list[RewardSpec] = []

@@ -34,7 +34,9 @@ def sample_images(policy, prompts: Sequence[str], *, num_steps: int = 20, guidan
 
 def quality_table(policy, splits: Sequence[str] | None = None, n: int = 256, *, num_steps: int = 20,
                   guidance_scale: float = 5.0, seed: int = 0, sampler=None) -> pd.DataFrame:
-    """Rows: split, template, n, matching (mean gold of own prompt), mismatched (another prompt's)."""
+    """Rows: split, template, n, matching (mean gold of own prompt), mismatched (another prompt's), aesthetic_gold
+    (mean ``shapes-aesthetic-gold``: prompt-independent)."""
+    from rlbench.shapes.aesthetic import aesthetic_gold
     from rlbench.shapes.analyser import gold_scores
     from rlbench.shapes.grammar import parse_caption, split_prompts
 
@@ -56,8 +58,10 @@ def quality_table(policy, splits: Sequence[str] | None = None, n: int = 256, *, 
         others = [prompts[(i + 1 + int(rng.integers(0, n - 1))) % n] for i in range(n)]
         mismatched = gold_scores(images, others)
         templates = [parse_caption(p).template for p in prompts]
-        frame = pd.DataFrame({"template": templates, "matching": matching, "mismatched": mismatched})
+        frame = pd.DataFrame({"template": templates, "matching": matching, "mismatched": mismatched,
+                              "aesthetic_gold": aesthetic_gold(images)})
         for template, part in [("all", frame), *frame.groupby("template")]:
             rows.append({"split": split, "template": template, "n": len(part),
-                         "matching": float(part["matching"].mean()), "mismatched": float(part["mismatched"].mean())})
+                         "matching": float(part["matching"].mean()), "mismatched": float(part["mismatched"].mean()),
+                         "aesthetic_gold": float(part["aesthetic_gold"].mean())})
     return pd.DataFrame(rows)
