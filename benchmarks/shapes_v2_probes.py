@@ -3,6 +3,7 @@ the suite's settings (the gold upper reference, DRaFT's learning rate, the flow 
 
     python benchmarks/shapes_v2_probes.py results/shapes-v2/probes            # the Markdown table
     python benchmarks/shapes_v2_probes.py results/shapes-v2/probes --ratios   # + mean ratio - 1 per step
+    python benchmarks/shapes_v2_probes.py results/shapes-v2/probes --plot docs/ratio-by-step-probes.png
 
 Each probe folder holds the run's ``config.toml``, ``metrics.jsonl`` and ``command.txt`` (the `rlbench train` line
 that made it). The table reads the trained reward and the watched gold on each epoch's own training samples
@@ -55,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--ratios", action="store_true")
+    parser.add_argument("--plot", type=Path, default=None, help="write the ratio-per-step plot (PNG) here")
     args = parser.parse_args()
     rows = [summarise(p) for p in sorted(args.folder.iterdir()) if (p / "metrics.jsonl").is_file()]
     print("| probe | model | algorithm | trained on | prompts | k | lr | window | epochs | min | trained reward: "
@@ -67,11 +69,42 @@ def main() -> None:
                           if isinstance(v, tuple) and k != "trained")
         print(f"| {r['probe']} | {r['model']} | {r['algorithm']} | {r['reward']} | {r['prompts']} | {r['k']} | "
               f"{r['lr']:g} | {r['window']:g} | {r['epochs']} | {r['minutes']:.1f} | {cell(r['trained'])} | {golds} |")
+    if args.plot is not None:
+        plot(rows, args.plot)
     if args.ratios:
         print("\nMean importance ratio - 1 per stored denoising step (0 = noisiest; – = not trained):\n")
         for r in rows:
             if "ratio_minus_1" in r:
                 print(f"- {r['probe']}: " + ", ".join("–" if x is None else f"{x:+.1e}" for x in r["ratio_minus_1"]))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """|mean ratio - 1| per stored step, log scale, one line per probe that logged ratios; a panel per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = {"shapes": "DDIM (shapes)", "shapes-flow": "flow (shapes-flow)"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, (model, title) in zip(axes, families.items()):
+        for r in rows:
+            if r["model"] != model or "ratio_minus_1" not in r or not any(r["ratio_minus_1"]):
+                continue
+            xs = [i for i, v in enumerate(r["ratio_minus_1"]) if v is not None]
+            ys = [max(abs(r["ratio_minus_1"][i]), 1e-9) for i in xs]
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{r['probe']} (lr {r['lr']:g})")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("denoising step (0 = noisiest)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("|mean importance ratio - 1|", fontsize=8)
+    fig.suptitle("GRPO: the mean importance ratio per step drifts below 1 at the low-noise steps (seed-100 probes)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -147,3 +147,36 @@ def test_ratio_by_step_is_the_per_step_mean_of_the_ratios(tmp_path):
     assert len(got) == 4 and got[2:] == [None, None]
     assert got[:2] == pytest.approx(expected, rel=1e-5)
     assert any(abs(r - 1) > 1e-4 for r in got[:2])
+
+
+def test_ratio_by_step_is_one_when_the_epoch_is_one_optimizer_step(tmp_path):
+    """Every micro-batch replays weights the samples came from when the only optimizer step closes the epoch."""
+    from tests.test_successors import GUIDANCE, Setup
+    from rlbench.config import load_config
+    from rlbench.testing import save_tiny_sd_pipeline
+
+    tiny = save_tiny_sd_pipeline(tmp_path / "tiny-sd", sample_size=16)
+    cfg = load_config(values={
+        "model": {"name": str(tiny), "device": "cpu"}, "algorithm": {"name": "grpo", "beta": 0.0},
+        "reward": {"name": "incompressibility"},
+        "sample": {"batch_size": 4, "num_batches_per_epoch": 1, "num_steps": 3, "eta": 1.0,
+                   "guidance_scale": GUIDANCE, "images_per_prompt": 2},
+        "train": {"batch_size": 2, "gradient_accumulation_steps": 2, "num_inner_epochs": 1, "learning_rate": 1e-2}})
+    s = Setup(tiny, cfg)
+    got = s.algo.update(s.policy, s.batch, s.ctx)["ratio_by_step"]
+    assert s.steps_taken == 1 and len(got) == 3
+    assert got == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+
+
+def test_probe_summary_reads_first_and_last_quarters():
+    mod_path = ROOT / "benchmarks" / "shapes_v2_probes.py"
+    spec = importlib.util.spec_from_file_location("shapes_v2_probes", mod_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    folder = ROOT / "results" / "shapes-v2" / "probes" / "ddim-gold-grpo-k16"
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    r = mod.summarise(folder)
+    rewards = [x["reward_mean"] for x in lines]
+    assert r["epochs"] == 32 and r["k"] == 16 and r["reward"] == "shapes-gold"
+    assert r["trained"][:3] == pytest.approx((sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8,
+                                              sum(rewards[-8:]) / 8 - sum(rewards[:8]) / 8))
