@@ -387,6 +387,17 @@ def prompts_show(name: str = typer.Argument(..., help="Prompt set name or file."
     typer.echo("\n".join(load_prompts(name).prompts))
 
 
+@prompts_app.command("download")
+@cli_errors
+def prompts_download(name: str = typer.Argument(..., help="geneval, flow-grpo-ocr or t2i-compbench (or one of their "
+                                                          "prompt sets).")) -> None:
+    """Fetch a suite's public prompt files (pinned commit, sha256-checked) into the rlbench data cache."""
+    from rlbench.suitedata import download
+
+    for path in download(name, log=typer.echo):
+        typer.echo(f"ok  {path}")
+
+
 @shapes_app.command("pretrain")
 @cli_errors
 def shapes_pretrain(

@@ -29,7 +29,7 @@ import hashlib
 import os
 import tempfile
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -114,24 +114,29 @@ def _missing(spec: WeightsSpec, reward: str, reason: str) -> WeightsNotAvailable
     )
 
 
-def _fetch_url(spec: WeightsSpec, target: Path) -> Path:
+def fetch_pinned(url: str, sha256: str | None, target: Path, mismatch: Callable[[], Exception]) -> Path:
+    """Download ``url`` into ``target`` atomically (a half-written file is never found there); a file whose
+    sha256 is not ``sha256`` raises ``mismatch()`` and nothing is kept. Used for weights and suite data alike."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.source, timeout=URL_TIMEOUT_S) as resp:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as resp:
             for block in iter(lambda: resp.read(1 << 20), b""):
                 out.write(block)
-        if spec.sha256 and sha256_of(Path(tmp)) != spec.sha256:
-            raise WeightsNotAvailable(
-                f"the file downloaded from {spec.source} does not have the pinned sha256 {spec.sha256}; "
-                "the source changed or the download was corrupted. Nothing was kept; retry, or pass a "
-                f"verified local copy with --reward-opt {spec.option}=PATH."
-            )
-        os.replace(tmp, target)  # atomic: a half-written file is never found in the cache
+        if sha256 and sha256_of(Path(tmp)) != sha256:
+            raise mismatch()
+        os.replace(tmp, target)
         return target
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fetch_url(spec: WeightsSpec, target: Path) -> Path:
+    return fetch_pinned(spec.source, spec.sha256, target, lambda: WeightsNotAvailable(
+        f"the file downloaded from {spec.source} does not have the pinned sha256 {spec.sha256}; "
+        "the source changed or the download was corrupted. Nothing was kept; retry, or pass a "
+        f"verified local copy with --reward-opt {spec.option}=PATH."))
 
 
 def _from_hub(spec: WeightsSpec, *, local_only: bool) -> Path:
