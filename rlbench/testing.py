@@ -661,7 +661,8 @@ TINY_T5_MAX_LENGTH = 512  # the model_max_length of the T5 tokenizer of the SD3/
 TINY_FLOW_TEXT_DIM = 32  # T5 d_model = transformer joint_attention_dim
 
 # Seed offsets, so each component's weights depend on `seed` only (not on the other components or options).
-_FLOW_SEED_OFFSETS = {"transformer": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
+# Each tiny pipeline's models are seeded independently of each other (the denoiser, UNet or transformer, first).
+_FLOW_SEED_OFFSETS = {"transformer": 0, "unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
 
 # stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json.
 SD35_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
@@ -936,9 +937,6 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 SDXL_VAE_SCALING_FACTOR = 0.13025  # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json
 
-_SDXL_SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
-
-
 def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
     """In-memory tiny Stable Diffusion XL components (diffusers' SDXL fast-test sizes), built offline.
 
@@ -963,25 +961,21 @@ def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
 
     tokenizer, tokenizer_2 = _flow_clip_tokenizer(), _flow_clip_tokenizer(pad_token="!")
 
-    def seeded(name: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        torch.manual_seed(seed + _SDXL_SEED_OFFSETS[name])
-        return build().eval()
-
     with torch.random.fork_rng(devices=[]):
-        unet = seeded("unet", lambda: UNet2DConditionModel(
+        unet = _seeded(seed, "unet", lambda: UNet2DConditionModel(
             block_out_channels=(2, 4), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=1))
-        vae = seeded("vae", lambda: AutoencoderKL(
+        vae = _seeded(seed, "vae", lambda: AutoencoderKL(
             block_out_channels=[32, 64], in_channels=3, out_channels=3,
             down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
             up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128,
             scaling_factor=SDXL_VAE_SCALING_FACTOR))
-        text_encoder = seeded("text_encoder", lambda: CLIPTextModel(_flow_clip_config(tokenizer)))
-        text_encoder_2 = seeded("text_encoder_2",
+        text_encoder = _seeded(seed, "text_encoder", lambda: CLIPTextModel(_flow_clip_config(tokenizer)))
+        text_encoder_2 = _seeded(seed, "text_encoder_2",
                                 lambda: CLIPTextModelWithProjection(_flow_clip_config(tokenizer_2)))
     return {
         "unet": unet,

@@ -204,8 +204,6 @@ def test_fp16_frozen_weights_keep_a_force_upcast_vae_in_float32(tiny):
 
 
 def test_saved_lora_loads_with_the_sdxl_pipeline(tiny, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
     policy = load_policy(str(tiny))
     torch.manual_seed(0)
     policy.setup_training("lora", rank=4, alpha=8.0)  # alpha / r = 2, folded into B
@@ -215,15 +213,22 @@ def test_saved_lora_loads_with_the_sdxl_pipeline(tiny, tmp_path):
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
     policy.save_trained(tmp_path)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    base, ours, loaded = _lora_outputs(policy, tiny, tmp_path)
+    assert not torch.allclose(ours, base, atol=1e-3)
+    torch.testing.assert_close(loaded, ours, rtol=0, atol=1e-5)
+
+
+def _lora_outputs(policy, tiny, adapter):
+    """UNet outputs on one input: the base pipeline's, the policy's, and the pipeline's after load_lora_weights."""
+    from diffusers import StableDiffusionXLPipeline
+
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny)
     x, t, e, added = _unet_inputs(policy)
     with torch.no_grad():
         base = pipe.unet(x, t, encoder_hidden_states=e, added_cond_kwargs=added).sample
-        pipe.load_lora_weights(tmp_path)
+        pipe.load_lora_weights(adapter)
         ours = policy.unet(x, t, encoder_hidden_states=e, added_cond_kwargs=added).sample
-        assert not torch.allclose(ours, base, atol=1e-3)
-        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=e, added_cond_kwargs=added).sample, ours,
-                                   rtol=0, atol=1e-5)
+        return base, ours, pipe.unet(x, t, encoder_hidden_states=e, added_cond_kwargs=added).sample
 
 
 # -- the CLI ------------------------------------------------------------------------------------------------
@@ -240,8 +245,6 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_trains_sdxl_and_the_checkpoint_loads_in_diffusers(tiny, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
     from rlbench.train.rundir import load_trained_policy
 
     out = tmp_path / "run"
@@ -258,15 +261,9 @@ def test_cli_trains_sdxl_and_the_checkpoint_loads_in_diffusers(tiny, tmp_path):
     assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
     policy = load_trained_policy(out)
     assert policy.kind == "sdxl"
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny)
-    x, t, e, added = _unet_inputs(policy)
-    with torch.no_grad():
-        base = pipe.unet(x, t, encoder_hidden_states=e, added_cond_kwargs=added).sample
-        pipe.load_lora_weights(ckpt)
-        ours = policy.unet(x, t, encoder_hidden_states=e, added_cond_kwargs=added).sample
-        assert not torch.equal(ours, base)  # two epochs moved the adapters
-        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=e, added_cond_kwargs=added).sample, ours,
-                                   rtol=0, atol=1e-5)
+    base, ours, loaded = _lora_outputs(policy, tiny, ckpt)
+    assert not torch.equal(ours, base)  # two epochs moved the adapters
+    torch.testing.assert_close(loaded, ours, rtol=0, atol=1e-5)
 
 
 def test_models_list_shows_sd_xl():

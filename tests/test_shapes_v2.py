@@ -40,7 +40,7 @@ def test_v2_design_equal_budget_three_seeds_and_both_families():
         assert s.suite == "shapes-v2" and s.seeds == (0, 1, 2)
         cfg = s.configs[0]
         assert cfg.samples_per_epoch * cfg.run.epochs == 2048  # equal reward queries in every row
-        assert cfg.run.seed not in (100,)  # the probes' seed is not the suite's
+        assert 100 not in s.seeds  # the probes' seed is not the suite's
         families.setdefault(cfg.model_family(), set()).add((s.reward, s.name))
         assert s.eval_checkpoints() == [0, cfg.run.epochs]
         if cfg.model_family() == "flow":
@@ -101,12 +101,14 @@ def test_ddim_spec_rejects_a_flow_eval_sampler(tmp_path):
 
 def test_evaluation_prompts_per_set_mapping():
     from rlbench.eval.plan import prompt_set_plans, subset
+    from rlbench.prompts import load_prompts
 
     sets = prompt_set_plans(["shapes-train", "shapes-heldout-counts"], {"shapes-train": 5, "shapes-heldout-counts": 0}, 3)
     assert {s.name: len(s.prompts) for s in sets} == {"shapes-train": 5, "shapes-heldout-counts": 74}
     # the same fixed subset as one number for every set gives (seeded by the eval seed and the set's name)
     same = prompt_set_plans(["shapes-train"], 5, 3)[0]
-    assert sets[0].prompts == same.prompts and len(subset(448, 5, 3, "shapes-train")) == 5
+    train = load_prompts("shapes-train").prompts
+    assert sets[0].prompts == same.prompts == [train[i] for i in subset(len(train), 5, 3, "shapes-train")]
     with pytest.raises(InputError, match="give a number for each of them"):
         prompt_set_plans(["shapes-train", "shapes-heldout-counts"], {"shapes-train": 5}, 0)
     with pytest.raises(InputError, match="must be >= 0"):
@@ -116,41 +118,8 @@ def test_evaluation_prompts_per_set_mapping():
 # -- GRPO-Guard's diagnostic: the mean importance ratio per denoising step -------------------------------------
 
 
-def test_ratio_by_step_is_the_per_step_mean_of_the_ratios(tmp_path):
-    from tests.test_successors import GUIDANCE, Setup, _perturb
-    from rlbench.config import load_config
-    from rlbench.testing import save_tiny_sd_pipeline
-
-    tiny = save_tiny_sd_pipeline(tmp_path / "tiny-sd", sample_size=16)
-    cfg = load_config(values={
-        "model": {"name": str(tiny), "device": "cpu"}, "algorithm": {"name": "grpo", "beta": 0.0},
-        "reward": {"name": "incompressibility"},
-        "sample": {"batch_size": 4, "num_batches_per_epoch": 1, "num_steps": 4, "eta": 1.0,
-                   "guidance_scale": GUIDANCE, "images_per_prompt": 2},
-        # window 0.5: steps 0 and 1 trained, 2 and 3 not; the optimizer's lr is set to 0 below, so the weights stay
-        # put during the update and every ratio is computable up front
-        "train": {"batch_size": 2, "gradient_accumulation_steps": 1, "num_inner_epochs": 1, "timestep_window": 0.5}})
-    s = Setup(tiny, cfg)
-    for group in s.optimizer.param_groups:
-        group["lr"] = 0.0
-    _perturb(s.params, scale=0.05)  # the policy moved since sampling: ratios differ from 1
-    b = s.batch
-    expected = []
-    with torch.no_grad():
-        for j in range(2):
-            lp = s.policy.step_log_prob(b.latents[:, j], b.step_keys(torch.arange(4)[:, None], torch.full((4, 1), j)).flatten(0, 1),
-                                        b.latents[:, j + 1], b.prompt_embeds, s.neg, cfg.sample.guidance_scale,
-                                        s.algo.sampler)
-            expected.append(float(torch.exp(lp - b.log_probs[:, j]).double().mean()))
-    metrics = s.algo.update(s.policy, b, s.ctx)
-    got = metrics["ratio_by_step"]
-    assert len(got) == 4 and got[2:] == [None, None]
-    assert got[:2] == pytest.approx(expected, rel=1e-5)
-    assert any(abs(r - 1) > 1e-4 for r in got[:2])
-
-
-def test_ratio_by_step_is_one_when_the_epoch_is_one_optimizer_step(tmp_path):
-    """Every micro-batch replays weights the samples came from when the only optimizer step closes the epoch."""
+def _grpo_setup(tmp_path, steps: int, **train):
+    """tests/test_successors.Setup for GRPO (no KL) on the tiny SD pipeline: 4 samples in groups of 2, micro-batch 2."""
     from tests.test_successors import GUIDANCE, Setup
     from rlbench.config import load_config
     from rlbench.testing import save_tiny_sd_pipeline
@@ -159,10 +128,38 @@ def test_ratio_by_step_is_one_when_the_epoch_is_one_optimizer_step(tmp_path):
     cfg = load_config(values={
         "model": {"name": str(tiny), "device": "cpu"}, "algorithm": {"name": "grpo", "beta": 0.0},
         "reward": {"name": "incompressibility"},
-        "sample": {"batch_size": 4, "num_batches_per_epoch": 1, "num_steps": 3, "eta": 1.0,
+        "sample": {"batch_size": 4, "num_batches_per_epoch": 1, "num_steps": steps, "eta": 1.0,
                    "guidance_scale": GUIDANCE, "images_per_prompt": 2},
-        "train": {"batch_size": 2, "gradient_accumulation_steps": 2, "num_inner_epochs": 1, "learning_rate": 1e-2}})
-    s = Setup(tiny, cfg)
+        "train": {"batch_size": 2, "num_inner_epochs": 1, **train}})
+    return Setup(tiny, cfg)
+
+
+def test_ratio_by_step_is_the_per_step_mean_of_the_ratios(tmp_path):
+    from tests.test_successors import _perturb
+
+    # window 0.5: steps 0 and 1 trained, 2 and 3 not; the optimizer's lr is set to 0, so the weights stay put during
+    # the update and every ratio is computable up front
+    s = _grpo_setup(tmp_path, 4, gradient_accumulation_steps=1, timestep_window=0.5)
+    for group in s.optimizer.param_groups:
+        group["lr"] = 0.0
+    _perturb(s.params, scale=0.05)  # the policy moved since sampling: ratios differ from 1
+    b = s.batch
+    expected = []
+    with torch.no_grad():
+        for j in range(2):
+            keys = b.step_keys(torch.arange(4)[:, None], torch.full((4, 1), j)).flatten(0, 1)
+            lp = s.policy.step_log_prob(b.latents[:, j], keys, b.latents[:, j + 1], b.prompt_embeds, s.neg,
+                                        s.cfg.sample.guidance_scale, s.algo.sampler)
+            expected.append(float(torch.exp(lp - b.log_probs[:, j]).double().mean()))
+    got = s.algo.update(s.policy, b, s.ctx)["ratio_by_step"]
+    assert len(got) == 4 and got[2:] == [None, None]
+    assert got[:2] == pytest.approx(expected, rel=1e-5)
+    assert any(abs(r - 1) > 1e-4 for r in got[:2])
+
+
+def test_ratio_by_step_is_one_when_the_epoch_is_one_optimizer_step(tmp_path):
+    """Every micro-batch replays weights the samples came from when the only optimizer step closes the epoch."""
+    s = _grpo_setup(tmp_path, 3, gradient_accumulation_steps=2, learning_rate=1e-2)
     got = s.algo.update(s.policy, s.batch, s.ctx)["ratio_by_step"]
     assert s.steps_taken == 1 and len(got) == 3
     assert got == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rlbench.bench.common import _frame, _golds, _msd
+from rlbench.bench.common import _frame, _golds, _msd, at_last_checkpoint
 from rlbench.errors import RunDirError
 from rlbench.eval.tables import Table, num, write_table
 
@@ -95,7 +95,7 @@ def transfer(summary: pd.DataFrame, specs: Sequence[Any]) -> Table:
     sets = [s for s in df.sort_values("set_role", ascending=False)["prompt_set"].unique()]
     data_rows, display_rows = [], []
     for (spec, algo, trained), g in df.groupby(["spec", "algorithm", "trained"], sort=True):
-        last = g[g["checkpoint"] == g.groupby("seed")["checkpoint"].transform("max")]
+        last = at_last_checkpoint(g)
         last = last[last["reward"] == trained]
         data: dict[str, Any] = {"spec": spec, "algorithm": algo, "trained": trained}
         disp: dict[str, Any] = {"spec": spec, "algorithm": algo, "trained on": trained}

@@ -1,5 +1,6 @@
-"""What the suite analyses share (:mod:`rlbench.bench.analysis`, :mod:`rlbench.bench.stats`): the spec table,
-the summary joined with it, the gold rewards the models declare, and the mean ± sd cell."""
+"""What the suite analyses share (:mod:`rlbench.bench.analysis`, :mod:`rlbench.bench.stats`, the runner's main
+table): the spec table, the summary joined with it, the gold rewards the models declare, the mean ± sd cell and each
+run's last checkpoint."""
 
 from __future__ import annotations
 
@@ -37,3 +38,8 @@ def _golds(summary: pd.DataFrame, specs: Sequence[Any]) -> list[str]:
 
     declared = {g for s in specs for g in model_eval_defaults(s.train["model"]["name"]).get("gold_rewards", [])}
     return sorted(declared & set(summary["reward"].unique()))
+
+
+def at_last_checkpoint(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each run's (spec, seed) last evaluated checkpoint."""
+    return frame[frame["checkpoint"] == frame.groupby(["spec", "seed"])["checkpoint"].transform("max")]

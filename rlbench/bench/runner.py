@@ -390,8 +390,8 @@ def _evaluate(spec: Spec, train_dir: Path, out: Path, cache: Path, device: str) 
     evaluate([train_dir], rewards=list(ev["rewards"]), out=out, overwrite=True, batch_size=ev.get("batch_size", 32),
              prompts=list(ev["prompts"]), checkpoints=spec.eval_checkpoints(),
              images_per_prompt=ev["images_per_prompt"], prompts_per_set=ev["prompts_per_set"] or None,
-             seed=ev["seed"], eta=ev.get("eta"), sampler=ev.get("sampler"), steps=ev["steps"], guidance=ev["guidance"], cache=cache,
-             features=ev.get("features"), device=device)
+             seed=ev["seed"], eta=ev.get("eta"), sampler=ev.get("sampler"), steps=ev["steps"], guidance=ev["guidance"],
+             cache=cache, features=ev.get("features"), device=device)
 
 
 # -- the combined README --------------------------------------------------------------------------------
@@ -443,8 +443,9 @@ def main_table(summary) -> str:
     reward: mean ± sd over seeds (Markdown)."""
     if summary is None or summary.empty:
         return "_No finished runs yet._\n"
-    s = summary[summary["checkpoint"] > 0]
-    last = s[s["checkpoint"] == s.groupby(["spec", "seed"])["checkpoint"].transform("max")]
+    from rlbench.bench.common import at_last_checkpoint
+
+    last = at_last_checkpoint(summary[summary["checkpoint"] > 0])
     last = last[last["set_role"] == "train"] if "set_role" in last else last
     rewards = sorted(last["reward"].unique())
     lines = ["| spec | seeds | " + " | ".join(rewards) + " |", "|---|---|" + "---|" * len(rewards)]

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rlbench.bench.common import _frame, _golds, _msd
+from rlbench.bench.common import _frame, _golds, _msd, at_last_checkpoint
 from rlbench.eval.tables import Table
 
 MIN_SEEDS = 3
@@ -175,7 +175,7 @@ def last_deltas(summary: pd.DataFrame, specs: Sequence[Any]) -> pd.DataFrame:
     (columns spec, seed, algorithm, trained, reward, delta)."""
     train = _frame(summary, specs)
     train = train[train["set_role"] == "train"]
-    last = train[train["checkpoint"] == train.groupby(["spec", "seed"])["checkpoint"].transform("max")]
+    last = at_last_checkpoint(train)
     return last[["spec", "seed", "algorithm", "trained", "reward", "delta"]].sort_values(["spec", "seed", "reward"])
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from rlbench.diffusion.flow_policy import PixelFlowPolicy
-from rlbench.shapes.model import CFG_DROPOUT, EMA_DECAY, EVAL_DEFAULTS, IMAGE_SIZE, MAX_TOKENS, PIXEL_SHUFFLE, \
-    TEXT_CONFIG, TEXT_DIM, batch_tensors, pretrain_loop, write_tokenizer
+from rlbench.shapes.model import EVAL_DEFAULTS, IMAGE_SIZE, MAX_TOKENS, PIXEL_SHUFFLE, TEXT_CONFIG, TEXT_DIM, \
+    batch_tensors, train_and_save, write_tokenizer
 
 # stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
@@ -130,17 +130,10 @@ def pretrain(
                            return_dict=False)[0]
         return torch.nn.functional.mse_loss(pred.float(), noise - x0)
 
-    done, seconds = pretrain_loop(list(transformer.parameters()) + list(text_encoder.parameters()), loss_of, batches,
-                                  steps=steps, lr=lr, warmup=warmup, seed=seed, log=log, log_every=log_every,
-                                  max_seconds=max_seconds)
-    transformer.to("cpu").eval()
-    text_encoder.to("cpu").eval()
-    save_components(out, comps, words)
-    meta = {"steps": done, "planned_steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-            "seed": seed, "device": device, "seconds": seconds, "ema_decay": EMA_DECAY,
-            "cfg_dropout": CFG_DROPOUT, "sigma_sampling": f"logit-normal({LOGIT_MEAN}, {LOGIT_STD})"}
-    (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
-    return out
+    return train_and_save(out, [transformer, text_encoder], loss_of, batches, lambda: save_components(out, comps, words),
+                          steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, device=device, seed=seed, log=log,
+                          log_every=log_every, max_seconds=max_seconds,
+                          meta={"sigma_sampling": f"logit-normal({LOGIT_MEAN}, {LOGIT_STD})"})
 
 
 # -- the shipped model ----------------------------------------------------------------------------

@@ -269,6 +269,23 @@ def pretrain_loop(
     return step + 1, time.perf_counter() - t0
 
 
+def train_and_save(out: Path, modules: list[torch.nn.Module], loss_of, batches, save: Callable[[], Any], *, steps: int,
+                   batch_size: int, lr: float, warmup: int, device: str, seed: int, log, log_every: int,
+                   max_seconds: float | None, meta: dict[str, Any] | None = None) -> Path:
+    """What both shapes models' ``pretrain`` share after building their loss: :func:`pretrain_loop` over the
+    ``modules``' parameters, the modules back on the CPU in eval mode, ``save()`` (the EMA weights in the diffusers
+    layout) and ``pretrain.json`` with the run's settings (and ``meta``)."""
+    done, seconds = pretrain_loop([p for m in modules for p in m.parameters()], loss_of, batches, steps=steps, lr=lr,
+                                  warmup=warmup, seed=seed, log=log, log_every=log_every, max_seconds=max_seconds)
+    for m in modules:
+        m.to("cpu").eval()
+    save()
+    info = {"steps": done, "planned_steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
+            "device": device, "seconds": seconds, "ema_decay": EMA_DECAY, "cfg_dropout": CFG_DROPOUT, **(meta or {})}
+    (out / "pretrain.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
 def pretrain(
     out: Path,
     batches: Iterable[tuple[np.ndarray, list[str]]],
@@ -307,17 +324,9 @@ def pretrain(
         pred = unet(x_t, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
-    done, seconds = pretrain_loop(list(unet.parameters()) + list(text_encoder.parameters()), loss_of, batches,
-                                  steps=steps, lr=lr, warmup=warmup, seed=seed, log=log, log_every=log_every,
-                                  max_seconds=max_seconds)
-    unet.to("cpu").eval()
-    text_encoder.to("cpu").eval()
-    save_components(out, comps, words)
-    meta = {"steps": done, "planned_steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
-            "device": device, "seconds": seconds, "ema_decay": EMA_DECAY,
-            "cfg_dropout": CFG_DROPOUT}
-    (out / "pretrain.json").write_text(json.dumps(meta, indent=2))
-    return out
+    return train_and_save(out, [unet, text_encoder], loss_of, batches, lambda: save_components(out, comps, words),
+                          steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, device=device, seed=seed, log=log,
+                          log_every=log_every, max_seconds=max_seconds)
 
 
 # -- the shipped model ----------------------------------------------------------------------------
