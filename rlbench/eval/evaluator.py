@@ -187,7 +187,7 @@ def _sample_all(plan: EvalPlan, cache: NoCache, store: ImageStore, batch_size: i
             recs = []
             for ps in plan.prompt_sets:
                 for prompt, metadata in zip(ps.prompts, ps.metadata):
-                    for k in range(plan.images_per_prompt):
+                    for k in range(plan.images_of(ps)):
                         seed = sample_seed(plan.seed, prompt, k)
                         key = key_of("sample", ident, settings, prompt, k, seed)
                         items.setdefault(key, Item(key, prompt, k, seed))
@@ -242,16 +242,21 @@ def _frames(plan: EvalPlan, records: list[dict[str, Any]], scores: Mapping[tuple
     from rlbench.eval.diversity import mean_pairwise_distance, vendi_score
 
     runs = {r.name: r for r in plan.runs}
+    suite_only = {p.name for p in plan.prompt_sets if p.role == "suite"}
     rows = []
     for rec in records:
         run = runs[rec["run"]]
+        role = ("train" if rec["prompt_set"] == run.train_prompts else
+                "suite" if rec["prompt_set"] in suite_only else "held-out")
         base = {"run": run.name, "algorithm": run.algorithm, "trained_reward": run.trained_reward, "seed": run.seed,
                 "config": run.config, "checkpoint": rec["checkpoint"],
                 "reward_queries": run.reward_queries.get(rec["checkpoint"], -1), "prompt_set": rec["prompt_set"],
-                "set_role": "train" if rec["prompt_set"] == run.train_prompts else "held-out",
+                "set_role": role,
                 "prompt": rec["prompt"], "image_index": rec["image_index"], "sample_seed": rec["sample_seed"]}
         image = f"images/{ImageStore.name(rec['hash'])}"
         for spec in plan.rewards:
+            if not plan.applies(spec, rec["prompt_set"]):
+                continue
             rows.append({**base, "reward": spec.label,
                          "score": scores[(spec.label, rec["hash"], rec["prompt"], rec["metadata"])], "image": image})
     score_df = pd.DataFrame(rows, columns=SCORE_COLUMNS)
@@ -315,7 +320,7 @@ def evaluate(
     *,
     prompts: Sequence[str] | str | None = None,
     checkpoints: str | Sequence[int] | None = None,
-    images_per_prompt: int = 4,
+    images_per_prompt: int | None = 4,
     prompts_per_set: int | Mapping[str, int] | None = 16,
     seed: int = 0,
     eta: float | None = None,
@@ -326,6 +331,8 @@ def evaluate(
     device: str = "auto",
     log: Callable[[str], None] | None = None,
     sampler: str | None = None,
+    suites: Sequence[str] | str | None = None,
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvalResult:
     """Evaluate runs: sample every chosen checkpoint (the base model is checkpoint 0) on the prompt sets
     with paired noise, score with the rewards, and write data, tables, plots and ``report.html`` to ``out``.
@@ -340,9 +347,10 @@ def evaluate(
         prompts: prompt sets (default: each run's training set + its model's held-out sets).
         checkpoints: ``"auto"`` (default: up to 4 evenly spaced, the last included), ``"all"``, ``"last"``,
             or epoch numbers; the base model (0) is always included.
-        images_per_prompt: images per prompt (each with its own fixed noise).
-        prompts_per_set: a fixed, seeded subset of this many prompts of each larger set (0/None: all); a mapping
-            gives each prompt set its own number (every evaluated set named).
+        images_per_prompt: images per prompt (each with its own fixed noise); None: 4, and each suite's own on
+            its prompt sets.
+        prompts_per_set: a fixed, seeded subset of this many prompts of each larger set (0: all; None: 16, and
+            every prompt of a suite's sets); a mapping gives each prompt set its own number (every evaluated set named).
         seed: the eval seed; with the prompt and the image index it fixes every image's noise.
         eta, steps, guidance: sampler settings (default: each run's own); ``eta=0`` is the deterministic
             DDIM sampler.
@@ -353,9 +361,10 @@ def evaluate(
             (default: what the model declares, else ``openai/clip-vit-base-patch32`` if cached).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...
         log: receives notices (one line each).
+        suites: evaluation suites (``geneval``, ``ocr``, ``t2i-compbench`` or a suite file; comma-separated or a
+            list) added to the evaluation, each scored by its own metrics and tabled in its paper's layout.
+        reward_options: ``{reward name: {option: value}}`` for every reward of that name (e.g. local weights).
     """
-    from rlbench.eval.report import derive
-
     t0 = time.perf_counter()
     log = log or (lambda line: None)
     progress = progress or NullProgress()
@@ -366,7 +375,9 @@ def evaluate(
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}.")
     plan = make_plan(run_dirs, rewards, prompts, checkpoints, images_per_prompt, prompts_per_set, seed, eta, steps,
-                     guidance, features, sampler)
+                     guidance, features, sampler, suites, reward_options)
+    for line in plan.notices:
+        log(f"notice: {line}")
     out_path = check_out(out, overwrite)
     store_cache = NoCache() if cache is False else EvalCache(None if cache in (None, True) else cache)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -381,8 +392,13 @@ def evaluate(
         timings["sampling"] = time.perf_counter() - t
         t = time.perf_counter()
         reward_objs = build_rewards(plan.rewards)
-        entries = [(r["hash"], r["prompt"], r["metadata"]) for r in records]
-        scores = score_entries(plan.rewards, reward_objs, entries, store, store_cache, batch_size, progress.task)
+        scores = {}
+        groups: dict[tuple[str, ...], list[RewardSpec]] = {}  # rewards that score the same prompt sets, together
+        for spec in plan.rewards:
+            groups.setdefault(spec.sets, []).append(spec)
+        for sets, specs in groups.items():
+            entries = [(r["hash"], r["prompt"], r["metadata"]) for r in records if not sets or r["prompt_set"] in sets]
+            scores.update(score_entries(specs, reward_objs, entries, store, store_cache, batch_size, progress.task))
         timings["scoring"] = time.perf_counter() - t
         t = time.perf_counter()
         feats, feature_name, notices = None, None, list(plan.notices)
@@ -411,8 +427,10 @@ def evaluate(
             "runs": [r.as_dict() for r in plan.runs],
             "rewards": reward_cards(plan.rewards, reward_objs),
             "gold": plan.gold,
-            "prompt_sets": [{"name": p.name, "total": p.total, "used": len(p.prompts), "prompts": p.prompts}
+            "prompt_sets": [{"name": p.name, "total": p.total, "used": len(p.prompts), "prompts": p.prompts,
+                             "images_per_prompt": plan.images_of(p), "role": p.role or "default"}
                             for p in plan.prompt_sets],
+            "suites": plan.suites,
             "features": feature_name,
             "kl_notes": {r.name: kl_note(r.eta, kl_eta_for(r.train_eta) if r.train_sampler is None
                                          or r.train_sampler.stochastic else None,
@@ -421,20 +439,29 @@ def evaluate(
             "notices": notices,
             "timings": timings,
         }
-        (tmp / "scores.parquet").write_bytes(parquet_bytes(score_df))
-        (tmp / "kl.parquet").write_bytes(parquet_bytes(kl_df))
-        (tmp / "diversity.parquet").write_bytes(parquet_bytes(div_df))
         timings["total"] = time.perf_counter() - t0
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-        tables = derive(tmp)
-        (tmp / ".pid").unlink()
-        _swap_into_place(tmp, out_path)
+        tables = finish(tmp, out_path, score_df, kl_df, div_df, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         store_cache.close()
     return EvalResult(out_path, score_df, tables["summary"].data, kl_df, div_df, meta, tables)
+
+
+def finish(tmp: Path, out_path: Path, scores: pd.DataFrame, kl: pd.DataFrame, div: pd.DataFrame,
+           meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the data files into ``tmp``, derive tables, plots and the report there, and swap it into ``out_path``."""
+    from rlbench.eval.report import derive
+
+    (tmp / "scores.parquet").write_bytes(parquet_bytes(scores))
+    (tmp / "kl.parquet").write_bytes(parquet_bytes(kl))
+    (tmp / "diversity.parquet").write_bytes(parquet_bytes(div))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    tables = derive(tmp)
+    (tmp / ".pid").unlink()
+    _swap_into_place(tmp, out_path)
+    return tables
 
 
 def _version() -> str:

@@ -78,7 +78,8 @@ class RewardSpec:
     name: str
     options: tuple[tuple[str, Any], ...] = ()
     components: tuple[tuple[str, float], ...] = ()
-    role: str = "extra"  # trained | component | watch | model | gold | extra
+    role: str = "extra"  # trained | component | watch | model | gold | extra | suite
+    sets: tuple[str, ...] = ()  # the prompt sets it scores (() = every set)
 
     @property
     def option_dict(self) -> dict[str, Any]:
@@ -148,6 +149,8 @@ class PromptSetPlan:
     prompts: list[str]
     metadata: list[dict[str, Any]]
     total: int  # prompts in the whole set
+    images_per_prompt: int | None = None  # None: the evaluation's
+    role: str = ""  # "suite": sampled for an evaluation suite only (scored by its metrics alone)
 
 
 @dataclass
@@ -160,10 +163,19 @@ class EvalPlan:
     images_per_prompt: int
     seed: int
     notices: list[str] = field(default_factory=list)
+    suites: list[dict[str, Any]] = field(default_factory=list)  # each suite as recorded in meta.json
 
     def settings(self) -> dict[str, Any]:
         return {"images_per_prompt": self.images_per_prompt, "seed": self.seed, "features": self.features,
-                "prompt_sets": [p.name for p in self.prompt_sets], "rewards": [r.label for r in self.rewards]}
+                "prompt_sets": [p.name for p in self.prompt_sets], "rewards": [r.label for r in self.rewards],
+                "suites": [s["id"] for s in self.suites]}
+
+    def images_of(self, ps: PromptSetPlan) -> int:
+        return ps.images_per_prompt or self.images_per_prompt
+
+    def applies(self, spec: RewardSpec, prompt_set: str) -> bool:
+        """Whether reward ``spec`` scores the images of ``prompt_set``."""
+        return not spec.sets or prompt_set in spec.sets
 
 
 def select_checkpoints(available: list[int], spec: str | Sequence[int] | None, run: str) -> list[int]:
@@ -215,7 +227,8 @@ def _reward_queries(run: RunDir, epochs: list[int]) -> dict[int, int]:
     return out
 
 
-def run_samplers(v: Any, model: str, eta: float | None, sampler: str | None) -> tuple[Any, Any]:
+def run_samplers(v: Any, model: str, eta: float | None, sampler: str | None,
+                 flow_default: str | None = None) -> tuple[Any, Any]:
     """(the eval sampler, the run's training sampler) from a run's config values ``v(section, key)``.
 
     Default: the run's own sampler. DDIM runs: ``eta`` (0 = the deterministic DDIM sampler). Flow runs:
@@ -228,6 +241,8 @@ def run_samplers(v: Any, model: str, eta: float | None, sampler: str | None) -> 
     name = v("sample", "sampler") or ""
     family = model_family(model) or (family_of_sampler(name) if name else "ddim")
     name = name or DEFAULT_SAMPLER[family]
+    if sampler is None and eta is None and family != "ddim" and flow_default:
+        sampler = flow_default  # an evaluation suite's convention (e.g. ode), unless the user chose
     noise = float(v("sample", "eta")) if family == "ddim" else float(v("sample", "noise_level"))
     rng = list(v("sample", "sde_window_range") or []) + [0, 0]
     train = Sampler(name, noise, int(v("sample", "sde_window") or 0), int(rng[0]), int(rng[1]),
@@ -254,7 +269,8 @@ def run_samplers(v: Any, model: str, eta: float | None, sampler: str | None) -> 
 
 
 def plan_run(path: str | Path, checkpoints: Any, steps: int | None, eta: float | None,
-             guidance: float | None, sampler: str | None = None) -> tuple[RunPlan, str, dict[str, Any]]:
+             guidance: float | None, sampler: str | None = None,
+             flow_default: str | None = None) -> tuple[RunPlan, str, dict[str, Any]]:
     """The run's plan, its trained reward's name and options."""
     run = RunDir.open(path)
     cfg = run.read_config()
@@ -279,7 +295,7 @@ def plan_run(path: str | Path, checkpoints: Any, steps: int | None, eta: float |
         from rlbench.config import model_presets
 
         prompts = model_presets(model).get("prompts.name") or "simple-animals"
-    eval_sampler, train_sampler = run_samplers(v, model, eta, sampler)
+    eval_sampler, train_sampler = run_samplers(v, model, eta, sampler, flow_default)
     train_eta, e = train_sampler.noise, eval_sampler.noise
     s = int(steps) if steps is not None else int(v("sample", "num_steps"))
     if s < 1:
@@ -334,32 +350,53 @@ def make_plan(
     rewards: Sequence[str] | None = None,
     prompts: Sequence[str] | None = None,
     checkpoints: Any = None,
-    images_per_prompt: int = 4,
-    prompts_per_set: int | None = 16,
+    images_per_prompt: int | None = 4,
+    prompts_per_set: int | Mapping[str, int] | None = 16,
     seed: int = 0,
     eta: float | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     features: str | None = None,
     sampler: str | None = None,
+    suites: Sequence[str] | str | None = None,
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvalPlan:
-    """Resolve and check everything an evaluation needs; raises one :class:`RLBenchError` on bad input."""
+    """Resolve and check everything an evaluation needs; raises one :class:`RLBenchError` on bad input.
+
+    ``suites``: evaluation suites (:mod:`rlbench.eval.suites`) added to the evaluation: their prompt sets, sampled
+    with their own images per prompt (all their prompts) unless ``images_per_prompt`` / ``prompts_per_set`` are given
+    (None), each scored by its suite's metrics only. ``reward_options``: ``{reward name: {option: value}}`` passed to
+    every reward of that name (``--reward-opt NAME.KEY=VALUE``), e.g. local weights; the columns keep their names.
+    """
+    from rlbench.eval.suites import find_suites
     from rlbench.registry import make_reward
 
     if not run_dirs:
         raise InputError("give at least one run directory.")
-    if images_per_prompt < 1:
+    if images_per_prompt is not None and images_per_prompt < 1:
         raise InputError(f"--images-per-prompt must be >= 1, got {images_per_prompt}.")
+    suite_objs = find_suites(suites)
+    reward_options = {k: dict(v) for k, v in (reward_options or {}).items()}
+    flow_default = None
+    if sampler is None and eta is None:
+        conventions = {s.flow_sampler for s in suite_objs if s.flow_sampler}
+        if len(conventions) > 1:
+            raise InputError(f"the suites evaluate flow-matching runs with different samplers ({', '.join(sorted(conventions))}); "
+                             "choose one with --sampler.")
+        flow_default = next(iter(conventions), None)
     plans, trained_specs = [], []
     for path in run_dirs:
-        plan, reward_name, reward_options = plan_run(path, checkpoints, steps, eta, guidance, sampler)
+        plan, reward_name, reward_options_run = plan_run(path, checkpoints, steps, eta, guidance, sampler, flow_default)
         plans.append(plan)
-        trained_specs.append(reward_specs(reward_name, reward_options, "trained"))
+        trained_specs.append(reward_specs(reward_name, reward_options_run, "trained"))
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise InputError(f"run directories share a folder name ({', '.join(names)}); runs are identified by "
                          "their folder names: rename one.")
     notices: list[str] = []
+    if flow_default and any(p.sampler is not None and p.sampler.family != "ddim" for p in plans):
+        notices.append(f"flow-matching runs are evaluated with the {flow_default} sampler, the suites' convention "
+                       "(pass --sampler to choose another)")
     declared = {p.model: model_eval_defaults(p.model) for p in plans}
 
     # prompt sets: given, else each run's training set + the held-out sets its model declares
@@ -370,9 +407,32 @@ def make_plan(
         for p in plans:
             set_names += [p.train_prompts, *declared[p.model].get("prompt_sets", [])]
         set_names = list(dict.fromkeys(set_names))
-    sets = prompt_set_plans(set_names, prompts_per_set, seed)
+    per_set = dict(prompts_per_set) if isinstance(prompts_per_set, Mapping) else None
+    if per_set is not None:
+        default_n: Any = {k: v for k, v in per_set.items() if k in set_names}
+    else:
+        default_n = 16 if prompts_per_set is None else prompts_per_set
+    sets = prompt_set_plans(set_names, default_n, seed)
 
-    # rewards: trained (+ components), watch, declared gold, then the extra ones given
+    # the suites' own prompt sets: all their prompts and their images per prompt, unless given
+    suite_sets: dict[str, int] = {}
+    for suite in suite_objs:
+        for name in suite.prompt_sets:
+            if name in set_names:
+                continue
+            if name in suite_sets and suite_sets[name] != suite.images_per_prompt:
+                raise InputError(f"two suites sample {name} with different images per prompt; evaluate them "
+                                 "separately or give --images-per-prompt.")
+            suite_sets[name] = suite.images_per_prompt
+    for name, n_images in suite_sets.items():
+        n = per_set.get(name, 0) if per_set is not None else (prompts_per_set or 0)
+        ps = prompt_set_plans([name], n, seed)[0]
+        ps.images_per_prompt = images_per_prompt or n_images
+        ps.role = "suite"
+        sets.append(ps)
+    default_sets = tuple(set_names) if suite_objs else ()
+
+    # rewards: trained (+ components), watch, declared gold, then the extra ones given, then the suites' metrics
     specs: list[RewardSpec] = []
     gold: dict[str, list[str]] = {}
     for p, trained in zip(plans, trained_specs):
@@ -387,12 +447,32 @@ def make_plan(
             gold.setdefault(g, list((d.get("gold_of") or {}).get(g, [])))
     for r in rewards or []:
         specs += reward_specs(r, {}, "extra")
+    specs = [dataclasses.replace(s, sets=default_sets) for s in specs]
+    for suite in suite_objs:
+        for name, options, metric_sets in suite.metrics():
+            specs.append(RewardSpec(reward_label(name, options), name, tuple(sorted(options.items())), role="suite",
+                                    sets=tuple(metric_sets)))
     unique: dict[str, RewardSpec] = {}
-    for s in specs:  # the first role wins (trained before watch before gold before extra)
-        unique.setdefault(s.label, s)
+    for s in specs:  # the first role wins (trained before watch before gold before extra); the sets add up
+        if s.label in unique:
+            u = unique[s.label]
+            unique[s.label] = dataclasses.replace(u, sets=() if not u.sets or not s.sets else
+                                                  tuple(dict.fromkeys(u.sets + s.sets)))
+        else:
+            unique[s.label] = s
+    known = {s.name for s in unique.values()}
+    unknown = [n for n in reward_options if n not in known]
+    if unknown:
+        raise InputError(f"--reward-opt names {', '.join(unknown)}, which this evaluation does not score; it scores "
+                         f"{', '.join(sorted(known))}.")
+    if reward_options:
+        unique = {k: (dataclasses.replace(s, options=tuple(sorted({**s.option_dict, **reward_options[s.name]}.items())))
+                      if s.name in reward_options and not s.components else s) for k, s in unique.items()}
     for s in unique.values():  # every name must resolve before anything is computed
         if not s.components:
-            make_reward(s.name, **s.option_dict)
+            reward = make_reward(s.name, **s.option_dict)
+            if s.role == "suite":
+                check_weights(reward, s.name, s.option_dict)
 
     feats = features
     if feats is None:
@@ -404,4 +484,42 @@ def make_plan(
             feats = DEFAULT_FEATURES
     if feats in ("none", ""):
         feats = None
-    return EvalPlan(plans, sets, list(unique.values()), gold, feats, images_per_prompt, seed, notices)
+    plan = EvalPlan(plans, sets, list(unique.values()), gold, feats, images_per_prompt or 4, seed, notices)
+    plan.suites = [suite_record(s, sets, plan) for s in suite_objs]
+    return plan
+
+
+def check_weights(reward: Any, name: str, options: Mapping[str, Any]) -> None:
+    """Resolve every declared weights source of ``reward`` now (offline: the one-line error naming
+    ``rlbench rewards download NAME`` or the option for a local path), and call its ``check_ready()`` when it has
+    one, so an evaluation fails before it samples."""
+    from rlbench.weights import is_url, resolve, specs_of
+
+    inner = getattr(reward, "reward", reward)
+    ready = getattr(inner, "check_ready", None)
+    if callable(ready):  # a reward's own readiness check (e.g. t2i-compbench-blip-vqa: its spaCy model)
+        ready()
+    for spec in specs_of(inner):
+        if spec.source == "rlbench" or not (is_url(spec.source) or spec.source.count("/") == 1):
+            continue  # shipped with the package, or a source (a PyPI package) that the reward checks itself
+        resolve(spec, reward=name, override=options.get(spec.option))
+
+
+def suite_record(suite: Any, sets: Sequence[PromptSetPlan], plan: EvalPlan) -> dict[str, Any]:
+    """What meta.json records of a suite: its spec, the prompts each filtered column selects, what was used."""
+    by_name = {p.name: p for p in sets}
+    d = suite.as_dict()
+    d["groups"] = {}
+    for c in suite.categories:
+        if c.available and c.where:
+            ps = by_name[c.prompts]
+            d["groups"][c.label] = [p for p, m in zip(ps.prompts, ps.metadata) if c.selects(m)]
+    d["used"] = [{"prompt_set": n, "used": len(by_name[n].prompts), "total": by_name[n].total}
+                 for n in suite.prompt_sets]
+    d["images_used"] = plan.images_of(by_name[suite.prompt_sets[0]])
+    d["categories"] = [{**c, "reward": reward_label(c["metric"], c["metric_options"]) if c["metric"] else ""}
+                       for c in d["categories"]]
+    d["sampler_note"] = "; ".join(
+        f"{r.name}: {r.sampler.name if r.sampler is not None else 'ddim'} (noise {r.eta:g}), {r.steps} steps, "
+        f"guidance {r.guidance:g}" for r in plan.runs)
+    return d

@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from rlbench.eval.suites import suite_tables
 from rlbench.eval.tables import Table, all_tables, write_table
 
 GRID_PROMPTS_TRAIN = 2  # prompts of the training set shown per run
@@ -114,9 +115,9 @@ def _grids_html(folder: Path, scores: pd.DataFrame, meta: dict[str, Any]) -> str
                 sub = part[(part["prompt_set"] == s) & (part["prompt"] == prompt)]
                 k = int(sub["image_index"].max()) + 1
                 cells = [f'<caption>{_esc(prompt)} <small>({_esc(s)}'
-                         f'{", train" if roles.get(s) == "train" else ", held-out"})</small></caption>']
+                         f', {roles.get(s) or "held-out"})</small></caption>']
                 for c in sorted(sub["checkpoint"].unique()):
-                    row = [f"<th>{'base' if c == 0 else f'epoch {int(c)}'}</th>"]
+                    row = [f"<th>{('external' if meta.get('external') else 'base') if c == 0 else f'epoch {int(c)}'}</th>"]
                     for i in range(k):
                         img = sub[(sub["checkpoint"] == c) & (sub["image_index"] == i)]
                         if not len(img):
@@ -156,7 +157,8 @@ def report_html(folder: Path, tables: dict[str, Table], plots: dict[str, bytes],
         "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in [
             ("runs", "runs"), ("overoptimisation", "over-optimisation"), ("proxy_vs_gold", "per checkpoint"),
             ("generalisation", "generalisation"), ("cross_reward", "cross-reward"), ("kl", "KL"),
-            ("diversity", "diversity"), ("curves", "curves"), ("images", "images")]) + "</nav>",
+            ("diversity", "diversity"), ("curves", "curves"), ("images", "images")]
+            + ([("suites", "suites")] if any(n.startswith("suite_") for n in tables) else [])) + "</nav>",
         '<h2 id="runs">Runs and settings</h2>', _runs_html(meta),
         table_html(tables["overoptimisation"]),
         table_html(tables["proxy_vs_gold"]), _plot(plots, "proxy_vs_gold.png", "proxy against gold"),
@@ -167,6 +169,11 @@ def report_html(folder: Path, tables: dict[str, Table], plots: dict[str, bytes],
     ]
     if "seeds" in tables:
         parts.append(table_html(tables["seeds"]))
+    suites = [t for name, t in tables.items() if name.startswith("suite_")]
+    if suites:
+        parts.append('<h2 id="suites">Evaluation suites</h2><p class="caption">Each suite in its paper\'s columns, '
+                     "on its own prompts.</p>")
+        parts += [table_html(t, "h3") for t in suites]
     parts.append('<h2 id="curves">Reward curves</h2><p class="caption">Mean per checkpoint on each prompt set, '
                  "against epochs (top) and reward queries (bottom).</p>")
     parts += [img_html(data, name) for name, data in plots.items() if name.startswith("reward_curve_")]
@@ -177,6 +184,30 @@ def report_html(folder: Path, tables: dict[str, Table], plots: dict[str, bytes],
     summary = tables["summary"]
     parts.append(f"<h2>All numbers</h2><details><summary>{_esc(summary.title)} ({len(summary.display)} rows)"
                  f"</summary>{table_html(summary, 'h3', 'summary')}</details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def external_html(folder: Path, tables: dict[str, Table], scores: pd.DataFrame, meta: dict[str, Any]) -> str:
+    """The report of ``rlbench eval --images``: the source, each suite's table, every number, a few images."""
+    ext = meta["external"]
+    parts = [
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">", '<link rel="icon" href="data:,">',
+        f"<title>rlbench eval: {_esc(ext['source'])}</title><style>{CSS}</style></head><body>",
+        "<h1>rlbench evaluation of external images</h1>",
+        f"<p class=\"caption\">{_esc(ext['source'])} ({_esc(ext['layout'])} layout, {ext['images']} images; groups "
+        f"{_esc(', '.join(ext['groups']))}) · generated {_esc(time.strftime('%Y-%m-%d %H:%M'))}</p>",
+    ]
+    parts += [f'<p class="notice">{_esc(n)}</p>' for n in meta.get("notices", [])]
+    rewards = pd.DataFrame([{"reward": r["label"], "version": r["version"], "role": r["role"]} for r in meta["rewards"]])
+    parts.append("<h2>Rewards</h2>" + rewards.to_html(index=False, escape=True, border=0))
+    suites = [t for name, t in tables.items() if name.startswith("suite_")]
+    if suites:
+        parts.append('<h2 id="suites">Evaluation suites</h2>')
+        parts += [table_html(t, "h3") for t in suites]
+    parts.append(table_html(tables["summary"]))
+    parts.append('<h2 id="images">Images</h2>')
+    parts.append(_grids_html(folder, scores, meta))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -207,8 +238,15 @@ def derive(folder: str | Path) -> dict[str, Table]:
 
     folder = Path(folder)
     scores, kl, div, meta = load_results(folder)
-    tables = all_tables(scores, kl, div, meta)
-    plots = all_plots(tables, meta)
+    if meta.get("external"):  # rlbench eval --images: no runs, no checkpoints
+        from rlbench.eval.tables import summary_table
+
+        tables = {"summary": summary_table(scores), **suite_tables(scores, meta)}
+        plots: dict[str, bytes] = {}
+    else:
+        tables = all_tables(scores, kl, div, meta)
+        tables.update(suite_tables(scores, meta))  # each evaluation suite in its paper's layout
+        plots = all_plots(tables, meta)
 
     def fill_tables(tmp: Path) -> None:
         for t in tables.values():
@@ -220,5 +258,7 @@ def derive(folder: str | Path) -> dict[str, Table]:
 
     _replace(folder, "tables", fill_tables)
     _replace(folder, "plots", fill_plots)
-    atomic_write_text(folder / "report.html", report_html(folder, tables, plots, scores, meta))
+    page = external_html(folder, tables, scores, meta) if meta.get("external") else report_html(
+        folder, tables, plots, scores, meta)
+    atomic_write_text(folder / "report.html", page)
     return tables

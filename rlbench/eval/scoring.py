@@ -108,12 +108,14 @@ def score_entries(
         keys = [key_of("score", h, spec.name, spec.options, card.version, p, m) for h, p, m in entries]
         cached = cache.get_scores(keys) if card.deterministic else {}
         todo = [(k, e) for k, e in zip(keys, entries) if k not in cached]
+        size = getattr(store, "size", None)  # images of several sizes (rlbench eval --images): one size a batch
+        if size is not None:
+            todo.sort(key=lambda t: size(t[1][0]))
         for k, (h, p, m) in zip(keys, entries):
             if k in cached:
                 out[(spec.label, h, p, m)] = float(cached[k])
         advance = task(f"scoring {spec.label}", len(todo)) if task is not None and todo else None
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+        for chunk in _batches(todo, batch_size, size):
             images = as_float(store.get([h for _, (h, _, _) in chunk]))
             prompts = [p for _, (_, p, _) in chunk]
             metadata = [json.loads(m) for _, (_, _, m) in chunk]
@@ -128,6 +130,17 @@ def score_entries(
         if spec.components:
             for h, p, m in entries:
                 out[(spec.label, h, p, m)] = float(sum(w * out[(c, h, p, m)] for c, w in spec.components))
+    return out
+
+
+def _batches(todo: list, batch_size: int, size: Callable[[str], Any] | None) -> list[list]:
+    """Consecutive chunks of at most ``batch_size``; with ``size``, never two image sizes in one chunk."""
+    out: list[list] = []
+    for item in todo:
+        if out and len(out[-1]) < batch_size and (size is None or size(out[-1][0][1][0]) == size(item[1][0])):
+            out[-1].append(item)
+        else:
+            out.append([item])
     return out
 
 

@@ -408,7 +408,15 @@ def config_curves(summary: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
 
 
 def all_tables(scores: pd.DataFrame, kl: pd.DataFrame, div: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Table]:
-    summary = summary_table(scores)
+    # The suites' own prompt sets appear in their tables alone (rlbench.eval.suites, added by report.derive) and in
+    # the summary; every other table is about the runs' training and held-out sets.
+    suite_sets = {p["name"] for p in meta.get("prompt_sets", []) if p.get("role") == "suite"}
+    all_scores = scores
+    if suite_sets:
+        scores = scores[scores["set_role"] != "suite"]
+        kl = kl[~kl["prompt_set"].isin(suite_sets)]
+        div = div[~div["prompt_set"].isin(suite_sets)]
+    summary = summary_table(all_scores)
     tables = {
         "overoptimisation": overoptimisation_table(scores, meta),
         "proxy_vs_gold": proxy_vs_gold_table(scores, kl, meta),
