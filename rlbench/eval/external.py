@@ -74,29 +74,43 @@ def _geneval_folder(root: Path) -> list[ExternalImage]:
     return out
 
 
-def _manifest(path: Path) -> list[ExternalImage]:
-    rows: list[dict[str, Any]] = []
+def read_rows(path: Path, what: str, keys: str) -> tuple[list[str] | None, list[tuple[int, Any]]]:
+    """The rows of a .csv (with a header) or .jsonl (one object a line) file: (the CSV header, or None for JSONL;
+    [(line number, row)]). An unreadable file or a line that is not JSON is one error naming ``what`` the file is
+    and the ``keys`` its rows need."""
     try:
         if path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
-                header = reader.fieldnames or []
-                if "path" not in header or "prompt" not in header:
-                    raise InputError(f"{path} needs a header with the columns path,prompt (and optionally group); it "
-                                     f"has {','.join(header) or 'none'}.")
-                rows = list(reader)
-        else:
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
+                return list(reader.fieldnames or []), list(enumerate(reader, 2))
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((i, json.loads(line)))
                 except ValueError as exc:
-                    raise InputError(f"{path} line {i} is not JSON ({exc}); write one object a line with path and "
-                                     "prompt.") from exc
+                    raise InputError(f"{path} line {i} is not JSON ({exc}); write one object a line with {keys}.") \
+                        from exc
+        return None, rows
     except OSError as exc:
-        raise InputError(f"cannot read the manifest {path}: {exc}") from exc
+        raise InputError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def _manifest(path: Path, prompt: str | None = None) -> list[ExternalImage]:
+    header, numbered = read_rows(path, "the manifest", "path and prompt")
+    if header is not None and ("path" not in header or ("prompt" not in header and prompt is None)):
+        raise InputError(f"{path} needs a header with the columns path,prompt (and optionally group); it "
+                         f"has {','.join(header) or 'none'}.")
+    rows: list[Any] = [r for _, r in numbered]
     out, seen = [], {}
+    if prompt is not None:  # the default prompt of rows without one (rlbench rewards score/compare --prompt)
+        def lacks(r: Any) -> bool:
+            return isinstance(r, dict) and not str(r.get("prompt") or "").strip()
+
+        if rows and not any(lacks(r) for r in rows):
+            raise InputError(f"{path} gives every image its own prompt; drop --prompt (it is the prompt of images "
+                             "without one).")
+        rows = [{**r, "prompt": prompt} if lacks(r) else r for r in rows]
     no_prompt = [i + 2 for i, r in enumerate(rows) if not isinstance(r, dict) or not str(r.get("prompt") or "").strip()
                  or not str(r.get("path") or "").strip()]
     if no_prompt:
@@ -112,39 +126,61 @@ def _manifest(path: Path) -> list[ExternalImage]:
     return out
 
 
-def read_images(path: str | Path) -> tuple[list[ExternalImage], str]:
-    """The images of ``path`` and its layout (``geneval`` or ``manifest``); one error naming what is wrong."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read_images(path: str | Path, prompt: str | None = None) -> tuple[list[ExternalImage], str]:
+    """The images of ``path`` and its layout (``geneval``, ``manifest`` or ``folder``); one error naming what is wrong.
+
+    ``prompt`` (``rlbench rewards score/compare --prompt``) is the prompt of every image that has none: the images of
+    a plain folder of image files (layout ``folder``), manifest rows without a prompt. A source that gives every image
+    its own prompt and a ``prompt`` as well is an error (which one was meant?).
+    """
     root = Path(path).expanduser()
     if not root.exists():
         raise InputError(f"--images {root} does not exist; give a GenEval sample folder or a manifest.csv/.jsonl.")
     if root.is_file():
         if root.suffix not in (".csv", ".jsonl"):
             raise InputError(f"--images {root}: a manifest is a .csv (header path,prompt[,group]) or a .jsonl file.")
-        images, layout = _manifest(root), "manifest"
+        images, layout = _manifest(root, prompt), "manifest"
     elif (root / "manifest.csv").is_file() or (root / "manifest.jsonl").is_file():
         m = root / "manifest.csv" if (root / "manifest.csv").is_file() else root / "manifest.jsonl"
-        images, layout = _manifest(m), "manifest"
+        images, layout = _manifest(m, prompt), "manifest"
     elif any((p / "metadata.jsonl").is_file() for p in root.iterdir() if p.is_dir()):
+        if prompt is not None:
+            raise InputError(f"--images {root} is a GenEval sample folder, whose metadata.jsonl files give every image "
+                             "its prompt; drop --prompt.")
         images, layout = _geneval_folder(root), "geneval"
+    elif prompt is not None and any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir() if p.is_file()):
+        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images, layout = [ExternalImage(p, prompt, "external", {}, k) for k, p in enumerate(files)], "folder"
     else:
+        loose = any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir() if p.is_file())
         raise InputError(f"--images {root} is neither a GenEval sample folder (<index>/metadata.jsonl + samples/NNNN.png) "
-                         "nor a folder with manifest.csv / manifest.jsonl.")
+                         "nor a folder with manifest.csv / manifest.jsonl"
+                         + ("; its image files have no prompt: pass --prompt TEXT (rlbench rewards score / compare) "
+                            "or write a manifest.csv (path,prompt)." if loose else "."))
     if not images:
         raise InputError(f"--images {root} holds no images.")
+    check_readable([im.path for im in images])
+    return images, layout
+
+
+def check_readable(paths: Sequence[Path]) -> None:
+    """One error naming the files of ``paths`` that are missing or not images (PIL's verify)."""
     bad = []
-    for im in images:
+    for p in paths:
         try:
-            with open(im.path, "rb") as f:
+            with open(p, "rb") as f:
                 from PIL import Image
 
                 Image.open(f).verify()
         except Exception as exc:  # noqa: BLE001 - missing, unreadable or not an image: all named the same way
-            bad.append(f"{im.path} ({type(exc).__name__})")
+            bad.append(f"{p} ({type(exc).__name__})")
     if bad:
-        raise InputError(f"{len(bad)} of {len(images)} images are missing or unreadable: "
+        raise InputError(f"{len(bad)} of {len(paths)} images are missing or unreadable: "
                          + ", ".join(bad[:MAX_NAMED]) + (f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED
                                                          else "") + ".")
-    return images, layout
 
 
 class FileStore:
@@ -176,6 +212,24 @@ class FileStore:
             with Image.open(self.paths[h]) as im:  # GenEval reads with exif_transpose (evaluate_images.py)
                 arrays.append(np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8))
         return np.stack(arrays)
+
+
+def with_options(specs: Sequence[Any], reward_options: Mapping[str, Mapping[str, Any]] | None,
+                 what: str = "this evaluation") -> list[Any]:
+    """``specs`` (RewardSpec) once per label, each reward named in ``reward_options`` (``--reward-opt NAME.KEY=VALUE``)
+    with those options merged into its own; options of a reward that ``specs`` do not score are an error."""
+    from rlbench.eval.plan import RewardSpec
+
+    unique: dict[str, RewardSpec] = {}
+    for s in specs:
+        unique.setdefault(s.label, s)
+    opts = {k: dict(v) for k, v in (reward_options or {}).items()}
+    unknown = [n for n in opts if n not in {s.name for s in unique.values()}]
+    if unknown:
+        raise InputError(f"--reward-opt names {', '.join(unknown)}, which {what} does not score.")
+    return [s if s.name not in opts or s.components else
+            RewardSpec(s.label, s.name, tuple(sorted({**s.option_dict, **opts[s.name]}.items())), s.components,
+                       s.role, s.sets) for s in unique.values()]
 
 
 def suite_record_external(suite: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -249,16 +303,7 @@ def evaluate_images(
         for name, options, sets in suite.metrics():
             specs.append(RewardSpec(reward_label(name, options), name, tuple(sorted(options.items())), role="suite",
                                     sets=tuple(sets)))
-    unique: dict[str, RewardSpec] = {}
-    for s in specs:
-        unique.setdefault(s.label, s)
-    opts = {k: dict(v) for k, v in (reward_options or {}).items()}
-    unknown = [n for n in opts if n not in {s.name for s in unique.values()}]
-    if unknown:
-        raise InputError(f"--reward-opt names {', '.join(unknown)}, which this evaluation does not score.")
-    specs = [s if s.name not in opts or s.components else
-             RewardSpec(s.label, s.name, tuple(sorted({**s.option_dict, **opts[s.name]}.items())), s.components,
-                        s.role, s.sets) for s in unique.values()]
+    specs = with_options(specs, reward_options)
     for s in specs:
         if not s.components:
             check_weights(make_reward(s.name, **s.option_dict), s.name, s.option_dict)

