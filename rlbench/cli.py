@@ -21,7 +21,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-rewards_app = typer.Typer(help="The reward zoo: list, inspect, check and score rewards.", no_args_is_help=True)
+rewards_app = typer.Typer(help="The reward zoo: list, inspect, check, download, score, compare, bench and serve rewards.",
+                          no_args_is_help=True)
 algos_app = typer.Typer(help="RL algorithms.", no_args_is_help=True)
 models_app = typer.Typer(help="Text-to-image models (policies).", no_args_is_help=True)
 prompts_app = typer.Typer(help="Prompt sets.", no_args_is_help=True)
