@@ -218,6 +218,22 @@ class SpacyNounChunks:
         return [chunk.text for chunk in self.load()(prompt).noun_chunks]
 
 
+def _import_callable(path: str):
+    """``"package.module:function"`` -> that object (how a command line names a Python callable, as entry points)."""
+    import importlib
+
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"noun_chunker must be a callable or 'module:function', got {path!r}")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"noun_chunker {path!r} cannot be imported: {exc}") from exc
+    return obj
+
+
 def _metadata_phrases(meta: Mapping[str, Any], index: int) -> list[str] | None:
     value = meta.get("noun_phrases")
     if value is None:
@@ -302,8 +318,10 @@ class BLIPVQA(Reward):
             ``Salesforce/blip-vqa-capfilt-large``.
         spacy_model: the spaCy pipeline giving the noun chunks (a package name or a path ``spacy.load`` takes);
             default ``en_core_web_sm`` as T2I-CompBench.
-        noun_chunker: a callable ``prompt -> list of noun-phrase strings`` used instead of spaCy (Python API; the
-            test suite's stand-in). Per image, ``metadata["noun_phrases"]`` takes precedence over both.
+        noun_chunker: a callable ``prompt -> list of noun-phrase strings`` used instead of spaCy, or its import path
+            ``"module:function"`` (from the command line: ``--reward-opt t2i-compbench-blip-vqa.noun_chunker=...``;
+            the tests' stand-in is ``rlbench.testing:tiny_noun_chunker``, which is NOT spaCy). Per image,
+            ``metadata["noun_phrases"]`` takes precedence over both.
         image_size: the square side the images are resized to (default 480, the official ``configs/vqa.yaml``;
             384 is the HF checkpoint's own position grid).
         max_phrases: the number of noun phrases asked about (default 8, ``--np_num``).
@@ -331,6 +349,8 @@ class BLIPVQA(Reward):
                  noun_chunker: NounChunker | None = None, image_size: int = IMAGE_SIZE, max_phrases: int = MAX_PHRASES,
                  official_rounding: bool = False, device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 16) -> None:
+        if isinstance(noun_chunker, str):  # "module:function" from the command line (--reward-opt), as entry points
+            noun_chunker = _import_callable(noun_chunker)
         if noun_chunker is not None and not callable(noun_chunker):
             raise ValueError(f"noun_chunker must be a callable prompt -> list of strings, got {noun_chunker!r}")
         if not isinstance(official_rounding, bool):

@@ -104,3 +104,36 @@ def test_cli_images_in_geneval_layout_and_spacy_checked_first(sd_run, zoo, tmp_p
                                   f"t2i-compbench-blip-vqa.weights={w}", "--out", str(tmp_path / "x")])
         assert res.exit_code == 2 and "spacy" in res.output.lower() and "Traceback" not in res.output
         assert not (tmp_path / "x").exists()
+
+
+def test_cli_eval_with_all_three_suites_offline(sd_run, zoo, tmp_path, monkeypatch, runner) -> None:
+    from rlbench.cli import app
+
+    monkeypatch.setenv("RLBENCH_DATA_DIR", str(DATA))
+    opts = []
+    for metric, options in zoo.items():
+        for key, value in options.items():
+            if callable(value):  # the chunker goes by its import path on a command line
+                value = f"{value.__module__}:{value.__qualname__}"
+            opts += ["--reward-opt", f"{metric}.{key}={value}"]
+    res = runner.invoke(app, ["eval", str(sd_run.path), "--suite", "geneval,ocr,t2i-compbench", *opts,
+                              "--prompts", "simple-animals", "--prompts-per-set", "1", "--images-per-prompt", "1",
+                              "--features", "none", "--no-cache", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    for title in ("GenEval", "OCR accuracy", "T2I-CompBench++"):
+        assert title in res.output
+    assert (tmp_path / "e" / "tables" / "suite_t2i_compbench.tex").is_file()
+    scores = __import__("pandas").read_parquet(tmp_path / "e" / "scores.parquet")
+    assert {"geneval", "ocr", "t2i-compbench-blip-vqa", "t2i-compbench-clip"} <= set(scores["reward"])
+
+
+def test_a_noun_chunker_by_import_path_and_a_bad_one(zoo) -> None:
+    from rlbench.errors import ConfigError
+    from rlbench.registry import make_reward
+    from rlbench.testing import tiny_noun_chunker
+
+    weights = zoo["t2i-compbench-blip-vqa"]["weights"]
+    r = make_reward("t2i-compbench-blip-vqa", weights=weights, noun_chunker="rlbench.testing:tiny_noun_chunker")
+    assert r.reward.noun_chunker is tiny_noun_chunker
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        make_reward("t2i-compbench-blip-vqa", weights=weights, noun_chunker="rlbench.testing:no_such_chunker")
