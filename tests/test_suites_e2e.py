@@ -137,3 +137,23 @@ def test_a_noun_chunker_by_import_path_and_a_bad_one(zoo) -> None:
     assert r.reward.noun_chunker is tiny_noun_chunker
     with pytest.raises(ConfigError, match="cannot be imported"):
         make_reward("t2i-compbench-blip-vqa", weights=weights, noun_chunker="rlbench.testing:no_such_chunker")
+
+
+def test_suite_weights_missing_offline_fail_before_sampling(sd_run, tmp_path, monkeypatch, runner) -> None:
+    from rlbench.cli import app
+    from rlbench.diffusion.policy import DiffusionPolicy
+
+    monkeypatch.setenv("RLBENCH_DATA_DIR", str(DATA))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached
+    sampled: list[int] = []
+    monkeypatch.setattr(DiffusionPolicy, "guided_eps", lambda *a, **k: sampled.append(1))
+    res = runner.invoke(app, ["eval", str(sd_run.path), "--suite", "geneval", "--no-cache", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "rlbench rewards download geneval" in res.output and "detector" in res.output
+    assert not sampled and not (tmp_path / "e").exists()
+    # the suite's prompt data missing offline: one line naming the download command, before the weights
+    monkeypatch.setenv("RLBENCH_DATA_DIR", "")
+    res = runner.invoke(app, ["eval", str(sd_run.path), "--suite", "ocr", "--no-cache", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "rlbench prompts download flow-grpo-ocr" in res.output
+    assert not sampled and not (tmp_path / "e").exists()
