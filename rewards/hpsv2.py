@@ -189,14 +189,6 @@ class HPSv2(Reward):
         if images.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=images.device)
         model, tokenizer = self._load()
-        distinct, index = cm.unique_prompts(prompts)
-        with torch.no_grad():
-            txt = torch.cat([cm.unit(model.encode_text(tokenizer(distinct[s]).to(self.device)))
-                             for s in cm.chunks(len(distinct), self.batch_size)])[index.to(self.device)]
-        grad = cm.wants_grad(images)
-        img = []
-        with torch.set_grad_enabled(grad):
-            for s in cm.chunks(images.shape[0], self.batch_size):
-                x = hps_pixels(images[s], exact=not grad)
-                img.append(cm.unit(model.encode_image(x.to(device=self.device, dtype=self.dtype))))
-        return cm.cosine(torch.cat(img), txt).to(images.device)
+        img, txt = cm.open_clip_features(model, tokenizer, lambda x, grad: hps_pixels(x, exact=not grad), images,
+                                         prompts, self.batch_size, self.device, self.dtype)
+        return cm.cosine(img, txt).to(images.device)

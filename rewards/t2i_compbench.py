@@ -594,18 +594,10 @@ class CompBenchCLIP(Reward):
         if images.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=images.device)
         model, _ = self._load()
-        distinct, index = cm.unique_prompts(prompts)
-        with torch.no_grad():
-            txt = torch.cat([cm.unit(model.encode_text(self.tokenize(distinct[s]).to(self.device)))
-                             for s in cm.chunks(len(distinct), self.batch_size)])[index.to(self.device)]
-        grad = cm.wants_grad(images)
-        img = []
-        with torch.set_grad_enabled(grad):
-            for s in cm.chunks(images.shape[0], self.batch_size):
-                x = self.pixel_values(images[s], differentiable=grad)
-                img.append(cm.unit(model.encode_image(x.to(device=self.device, dtype=self.dtype))))
+        img, txt = cm.open_clip_features(model, self.tokenize, self.pixel_values, images, prompts, self.batch_size,
+                                         self.device, self.dtype)
         # CLIP_similarity.py L72-80: both features L2-normalised, their dot product; no x100, no clamp
-        return cm.cosine(torch.cat(img), txt).to(images.device)
+        return cm.cosine(img, txt).to(images.device)
 
 
 __all__ = [

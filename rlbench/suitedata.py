@@ -111,21 +111,30 @@ def _fetch(spec: DataFile, target: Path) -> Path:
         "the download was corrupted. Nothing was kept."))
 
 
+CACHED = "the cached file"
+
+
+def local_copy(path: str) -> tuple[Path, str]:
+    """Where the pinned file ``path`` is looked for without a download, and what that place is: the
+    ``$RLBENCH_DATA_DIR`` copy when the variable is set, else the data cache's (the file may not exist)."""
+    local = os.environ.get(DATA_DIR_ENV, "").strip()
+    if local:
+        return Path(local).expanduser() / path, f"{DATA_DIR_ENV} file"
+    return cache_dir() / path, CACHED
+
+
 def data_path(path: str) -> Path:
     """The local, sha256-checked copy of the pinned file ``path`` (e.g. ``geneval/evaluation_metadata.jsonl``)."""
     from rlbench.weights import is_offline
 
     spec = FILES[path]
-    local = os.environ.get(DATA_DIR_ENV, "").strip()
-    if local:
-        candidate = Path(local).expanduser() / spec.path
-        if not candidate.is_file():
-            raise InputError(f"{DATA_DIR_ENV}={local} has no {spec.path}; lay the folder out as the suites' sources "
-                             f"({', '.join(sorted(FILES))}) or unset {DATA_DIR_ENV} to use the download cache.")
-        return _checked(candidate, spec, f"{DATA_DIR_ENV} file")
-    cached = cache_dir() / spec.path
-    if cached.is_file():
-        return _checked(cached, spec, "the cached file")
+    candidate, where = local_copy(spec.path)
+    if candidate.is_file():
+        return _checked(candidate, spec, where)
+    if where != CACHED:
+        raise InputError(f"{DATA_DIR_ENV}={os.environ[DATA_DIR_ENV].strip()} has no {spec.path}; lay the folder out as "
+                         f"the suites' sources ({', '.join(sorted(FILES))}) or unset {DATA_DIR_ENV} to use the "
+                         "download cache.")
     dataset = dataset_of(spec.path.split("/")[0])
     if is_offline():
         raise WeightsNotAvailable(
@@ -133,7 +142,7 @@ def data_path(path: str) -> Path:
             f"fetch it with `rlbench prompts download {dataset}` on a machine with network access, or point "
             f"{DATA_DIR_ENV} at a folder holding it.")
     try:
-        return _fetch(spec, cached)
+        return _fetch(spec, candidate)
     except OSError as exc:
         raise WeightsNotAvailable(f"could not download {spec.url} ({type(exc).__name__}: {exc}); retry, or fetch it "
                                   f"with `rlbench prompts download {dataset}` elsewhere, or set {DATA_DIR_ENV}.") from exc

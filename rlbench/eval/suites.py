@@ -277,21 +277,17 @@ def suite_needs(suite: Suite) -> Needs:
 def data_status(prompt_set: str) -> str:
     """``ok`` when the prompt set's pinned files are present locally (RLBENCH_DATA_DIR or the cache), else the command
     that fetches them; prompt sets that are not downloadable data are ``ok`` when they are registered."""
-    import os
-
     from rlbench import suitedata
 
     try:
         dataset = suitedata.dataset_of(prompt_set)
     except InputError:
         return "ok"
-    local = os.environ.get(suitedata.DATA_DIR_ENV, "").strip()
     for spec in suitedata.DATASETS[dataset]:
-        if local:
-            if not (Path(local).expanduser() / spec.path).is_file():
-                return f"missing from {suitedata.DATA_DIR_ENV}"
-        elif not (suitedata.cache_dir() / spec.path).is_file():
-            return f"not downloaded: rlbench prompts download {dataset}"
+        path, where = suitedata.local_copy(spec.path)
+        if not path.is_file():
+            return (f"not downloaded: rlbench prompts download {dataset}" if where == suitedata.CACHED
+                    else f"missing from {suitedata.DATA_DIR_ENV}")
     return "ok"
 
 

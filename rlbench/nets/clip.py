@@ -264,6 +264,25 @@ def text_features(model, tokenize: Callable[[list[str]], dict], prompts: Sequenc
     return torch.cat(out)[index.to(device)]
 
 
+def open_clip_features(model, tokenize: Callable[[list[str]], torch.Tensor],
+                       pixels: Callable[[torch.Tensor, bool], torch.Tensor], images: torch.Tensor,
+                       prompts: Sequence[str], batch_size: int, device: torch.device, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit image and prompt embeddings (B, D) float32 of an open_clip-style model (``encode_image`` /
+    ``encode_text``): each distinct prompt encoded once without a graph, the images in chunks of ``batch_size``
+    through ``pixels(chunk, differentiable)``, differentiable w.r.t. ``images`` when :func:`wants_grad`."""
+    distinct, index = unique_prompts(prompts)
+    with torch.no_grad():
+        txt = torch.cat([unit(model.encode_text(tokenize(distinct[s]).to(device)))
+                         for s in chunks(len(distinct), batch_size)])[index.to(device)]
+    grad = wants_grad(images)
+    img = []
+    with torch.set_grad_enabled(grad):
+        for s in chunks(images.shape[0], batch_size):
+            img.append(unit(model.encode_image(pixels(images[s], grad).to(device=device, dtype=dtype))))
+    return torch.cat(img), txt
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine of unit vectors (float32)."""
     return (a * b).sum(dim=-1)
