@@ -649,8 +649,13 @@ def shapes_pretrain(
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop early (and save) after this long."),
     family: str = typer.Option("ddim", "--family", help="ddim: the UNet `shapes` model (DDPM epsilon loss); flow: "
                                "the `shapes-flow` MMDiT (rectified flow, velocity loss)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Continue from this model folder's weights (one that "
+                                        "pretrain wrote, or the shipped ones) instead of a random start."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=1, help="Linear warm-up steps (default: 500 ddim, "
+                                         "300 flow)."),
 ) -> None:
-    """Pretrain a shapes-world text-to-image model from scratch on rendered (image, caption) pairs."""
+    """Pretrain a shapes-world text-to-image model from scratch (or on from --init) on rendered (image, caption)
+    pairs."""
     from rlbench.train.rundir import fresh_dir
     from rlbench.shapes import flow_model, model as ddim_model
     from rlbench.shapes.model import vocabulary, world_batches
@@ -658,9 +663,13 @@ def shapes_pretrain(
     if family not in ("ddim", "flow"):
         raise InputError(f"--family must be 'ddim' or 'flow', got {family!r}.")
     pretrain = flow_model.pretrain if family == "flow" else ddim_model.pretrain
+    if init is not None:  # before the output folder is made
+        ddim_model.check_init(init, ("transformer" if family == "flow" else "unet", "text_encoder"))
     folder = fresh_dir(out)
+    extra = {"warmup": warmup} if warmup is not None else {}
     pretrain(folder, world_batches(steps, batch_size, seed, workers), vocabulary(), steps=steps,
-             batch_size=batch_size, lr=lr, device=device, seed=seed, log=typer.echo, max_seconds=max_seconds)
+             batch_size=batch_size, lr=lr, device=device, seed=seed, log=typer.echo, max_seconds=max_seconds,
+             init=init, **extra)
     typer.echo(f"model: {folder}")
 
 

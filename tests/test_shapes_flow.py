@@ -101,3 +101,27 @@ def test_models_list_shows_shapes_flow():
     proc = subprocess.run([RLBENCH, "models", "list"], env=dict(os.environ, HF_HUB_OFFLINE="1"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "shapes-flow" in proc.stdout
+
+
+def test_continued_pretraining_starts_from_the_init_folders_weights(random_model, tmp_path):
+    from safetensors.torch import load_file
+
+    # lr 0: the EMA of unchanged weights is those weights, so the saved model must equal --init's exactly
+    out = pretrain(tmp_path / "m", world_batches(2, 4, seed=1), vocabulary(), steps=2, batch_size=4, warmup=1,
+                   lr=0.0, log=None, init=random_model)
+    for sub, name in (("transformer", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        a, b = load_file(random_model / sub / name), load_file(out / sub / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((out / "pretrain.json").read_text())
+    assert meta["init"] == str(random_model) and meta["steps"] == 2
+
+
+def test_continued_pretraining_refuses_another_familys_folder(tmp_path):
+    from rlbench.shapes.model import shipped_weights
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([RLBENCH, "shapes", "pretrain", "--family", "flow", "--init", str(shipped_weights()),
+                           "--out", str(tmp_path / "m"), "--steps", "1"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no transformer/config.json" in proc.stderr and not (tmp_path / "m").exists()

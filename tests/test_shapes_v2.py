@@ -18,11 +18,16 @@ from rlbench.errors import ConfigError, InputError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("shapes_v2_specs", ROOT / "benchmarks" / "shapes_v2_specs.py")
+def _bench_module(name: str):
+    """A script of benchmarks/ imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _generator():
+    return _bench_module("shapes_v2_specs")
 
 
 def test_shipped_v2_specs_are_the_generators_output():
@@ -166,10 +171,7 @@ def test_ratio_by_step_is_one_when_the_epoch_is_one_optimizer_step(tmp_path):
 
 
 def test_probe_summary_reads_first_and_last_quarters():
-    mod_path = ROOT / "benchmarks" / "shapes_v2_probes.py"
-    spec = importlib.util.spec_from_file_location("shapes_v2_probes", mod_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("shapes_v2_probes")
     folder = ROOT / "results" / "shapes-v2" / "probes" / "ddim-gold-grpo-k16"
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     r = mod.summarise(folder)
@@ -177,3 +179,46 @@ def test_probe_summary_reads_first_and_last_quarters():
     assert r["epochs"] == 32 and r["k"] == 16 and r["reward"] == "shapes-gold"
     assert r["trained"][:3] == pytest.approx((sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8,
                                               sum(rewards[-8:]) / 8 - sum(rewards[:8]) / 8))
+
+
+class _RenderingPolicy:
+    """A stand-in policy that draws each prompt exactly (a fresh render of a scene for it) except the prompts in
+    ``blank``, drawn as an empty gray image: the analyser then reads every fact of the rendered ones."""
+
+    family = "ddim"
+
+    def __init__(self, blank=()):
+        import numpy as np
+
+        self.blank, self.rng = set(blank), np.random.default_rng(0)
+
+    def encode_prompts(self, prompts):
+        return None
+
+    def sample(self, prompts, **kwargs):
+        import numpy as np
+        from types import SimpleNamespace
+
+        from rlbench.shapes.world import Scene, render_batch, scene_for_prompt
+
+        scenes = [Scene("gray", ()) if p in self.blank else scene_for_prompt(p, self.rng) for p in prompts]
+        images = torch.from_numpy(render_batch(scenes).astype(np.float32) / 255).permute(0, 3, 1, 2)
+        return SimpleNamespace(images=images)
+
+
+def test_headroom_reads_facts_best_of_k_and_backgrounds():
+    from rlbench.shapes.grammar import parse_prompt
+
+    mod = _bench_module("shapes_headroom")
+    good, bad = "a red circle on a black background", "two blue squares on a white background"
+    r = mod.headroom(_RenderingPolicy(blank=[bad]), [good, bad], 3, steps=1, guidance=1.0, seed=0)
+    # exact renders hold every fact; the blank gray image holds none of the other prompt's (2 blue squares exist,
+    # exactly 2 of them, 2 objects in all, a white background)
+    assert r["gold"] == pytest.approx(0.5) and r["best_of_k"] == pytest.approx(0.5)
+    assert r["templates"]["single"] == {"prompts": 1, "gold": 1.0, "best_of_k": 1.0, "within_prompt_sd": 0.0}
+    assert r["templates"]["count"]["gold"] == 0.0
+    n_bad = len(parse_prompt(bad))
+    assert r["facts"]["Background"] == {"n": 6, "held": 0.5}
+    assert r["background_asked_drawn"] == {"black->black": 3, "white->gray": 3}
+    assert r["objects_found"] == {"0": 0.5, "1": 0.5} and n_bad == 4
+    assert "| single | 1 | 1.000 | 1.000 | 0.000 |" in mod.render(r, "stand-in")

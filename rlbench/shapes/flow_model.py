@@ -28,7 +28,7 @@ import torch
 
 from rlbench.diffusion.flow_policy import PixelFlowPolicy
 from rlbench.shapes.model import EVAL_DEFAULTS, IMAGE_SIZE, MAX_TOKENS, PIXEL_SHUFFLE, TEXT_CONFIG, TEXT_DIM, \
-    batch_tensors, train_and_save, write_tokenizer
+    batch_tensors, init_components, init_meta, train_and_save, write_tokenizer
 
 # stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
@@ -106,12 +106,15 @@ def pretrain(
     log: Callable[[str], None] | None = print,
     log_every: int = 100,
     max_seconds: float | None = None,
+    init: Path | None = None,
 ) -> Path:
     """Train shapes-flow from scratch on ``batches`` of (uint8 images (B,32,32,3), captions) with the shapes models'
     driver (:func:`rlbench.shapes.model.pretrain_loop`); saves the EMA weights (transformer and text encoder) in the
     folder layout above, with ``pretrain.json``."""
     words = list(words)
     comps = new_components(words, seed)
+    if init is not None:  # continued pretraining from a saved folder's weights
+        comps = init_components(comps, init, ("transformer", "text_encoder"))
     transformer, text_encoder, tokenizer, scheduler = (comps[k] for k in ("transformer", "text_encoder", "tokenizer",
                                                                           "scheduler"))
     dev = torch.device(device)
@@ -133,7 +136,7 @@ def pretrain(
     return train_and_save(out, [transformer, text_encoder], loss_of, batches, lambda: save_components(out, comps, words),
                           steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, device=device, seed=seed, log=log,
                           log_every=log_every, max_seconds=max_seconds,
-                          meta={"sigma_sampling": f"logit-normal({LOGIT_MEAN}, {LOGIT_STD})"})
+                          meta={"sigma_sampling": f"logit-normal({LOGIT_MEAN}, {LOGIT_STD})", **init_meta(init)})
 
 
 # -- the shipped model ----------------------------------------------------------------------------

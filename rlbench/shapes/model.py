@@ -158,6 +158,44 @@ def new_components(words: Iterable[str], seed: int = 0) -> dict[str, Any]:
             "scheduler": DDIMScheduler(**SCHEDULER_CONFIG)}
 
 
+def check_init(init: Path, modules: Iterable[str]) -> None:
+    """That ``init`` is a saved model folder holding ``modules`` (before anything is written)."""
+    from rlbench.errors import InputError
+
+    if not Path(init).is_dir():
+        raise InputError(f"--init {init}: no such folder; give a model folder that `rlbench shapes pretrain` wrote.")
+    for name in modules:
+        if not (Path(init) / name / "config.json").is_file():
+            raise InputError(f"--init {init}: no {name}/config.json there; give a folder that `rlbench shapes "
+                             "pretrain` wrote (or the shipped weights) for the same --family.")
+
+
+_CONFIG_METADATA = ("architectures", "transformers_version", "torch_dtype", "dtype")  # not architecture
+
+
+def init_components(comps: dict[str, Any], init: Path, modules: Iterable[str]) -> dict[str, Any]:
+    """``comps`` with each of ``modules`` (folder names: ``unet``, ``transformer``, ``text_encoder``) loaded from the
+    saved model folder ``init`` (a continued pretraining starts from its weights). The saved modules must have the
+    architecture that ``comps`` were built with; the tokenizer and scheduler stay ``comps``' own (both are fixed by
+    the vocabulary and the model's config)."""
+    from rlbench.errors import InputError
+
+    check_init(init, modules)
+    out = dict(comps)
+    for name in modules:
+        cls = type(comps[name])
+        loaded = cls.from_pretrained(Path(init) / name)
+        # As JSON both ways: a saved config holds lists where a fresh one may hold tuples.
+        fresh, saved = (json.loads(json.dumps(c.to_dict() if hasattr(c, "to_dict") else dict(c), default=str))
+                        for c in (comps[name].config, loaded.config))
+        differ = sorted(k for k in fresh if not k.startswith("_") and k not in _CONFIG_METADATA and saved.get(k) != fresh[k])
+        if differ:
+            raise InputError(f"--init {init}: its {name} differs from this model's architecture in {', '.join(differ)}; "
+                             "give weights of the same --family and version.")
+        out[name] = loaded
+    return out
+
+
 def save_components(folder: Path, comps: dict[str, Any], words: Iterable[str]) -> Path:
     """Write the diffusers folder layout: unet/, text_encoder/, tokenizer/, scheduler/."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -269,6 +307,15 @@ def pretrain_loop(
     return step + 1, time.perf_counter() - t0
 
 
+def init_meta(init: Path | None) -> dict[str, Any]:
+    """What ``pretrain.json`` records of a continued pretraining: the folder it started from and that folder's own
+    ``pretrain.json`` (so the whole history of the weights stays on record)."""
+    if init is None:
+        return {}
+    prior = Path(init) / "pretrain.json"
+    return {"init": str(init), "init_pretrain": json.loads(prior.read_text()) if prior.is_file() else None}
+
+
 def train_and_save(out: Path, modules: list[torch.nn.Module], loss_of, batches, save: Callable[[], Any], *, steps: int,
                    batch_size: int, lr: float, warmup: int, device: str, seed: int, log, log_every: int,
                    max_seconds: float | None, meta: dict[str, Any] | None = None) -> Path:
@@ -300,14 +347,18 @@ def pretrain(
     log: Callable[[str], None] | None = print,
     log_every: int = 200,
     max_seconds: float | None = None,
+    init: Path | None = None,
 ) -> Path:
-    """Train the model from scratch on ``batches`` of (uint8 images (B,32,32,3), captions).
+    """Train the model from scratch (or, with ``init``, on from a saved model folder's weights) on ``batches`` of
+    (uint8 images (B,32,32,3), captions).
 
     AdamW with linear warm-up then cosine decay; gradients clipped at 1; the EMA of the UNet and
     text-encoder weights is saved to ``out`` in the diffusers layout, with ``pretrain.json``.
     """
     words = list(words)
     comps = new_components(words, seed)
+    if init is not None:
+        comps = init_components(comps, init, ("unet", "text_encoder"))
     unet, text_encoder, tokenizer, scheduler = (comps[k] for k in ("unet", "text_encoder", "tokenizer", "scheduler"))
     dev = torch.device(device)
     unet.to(dev).train()
@@ -326,7 +377,7 @@ def pretrain(
 
     return train_and_save(out, [unet, text_encoder], loss_of, batches, lambda: save_components(out, comps, words),
                           steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, device=device, seed=seed, log=log,
-                          log_every=log_every, max_seconds=max_seconds)
+                          log_every=log_every, max_seconds=max_seconds, meta=init_meta(init))
 
 
 # -- the shipped model ----------------------------------------------------------------------------
