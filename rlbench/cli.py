@@ -653,6 +653,9 @@ def shapes_pretrain(
                                         "pretrain wrote, or the shipped ones) instead of a random start."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=1, help="Linear warm-up steps (default: 500 ddim, "
                                          "300 flow)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="ddim family: ddpm (the shipped model's: "
+                                           "epsilon, linear betas) or zero-snr (Lin et al. 2023: zero terminal SNR, "
+                                           "v-prediction, trailing spacing)."),
 ) -> None:
     """Pretrain a shapes-world text-to-image model from scratch (or on from --init) on rendered (image, caption)
     pairs."""
@@ -665,8 +668,14 @@ def shapes_pretrain(
     pretrain = flow_model.pretrain if family == "flow" else ddim_model.pretrain
     if init is not None:  # before the output folder is made
         ddim_model.check_init(init, ("transformer" if family == "flow" else "unet", "text_encoder"))
-    folder = fresh_dir(out)
-    extra = {"warmup": warmup} if warmup is not None else {}
+    if schedule is not None and family != "ddim":
+        raise InputError("--schedule is for --family ddim (the flow model's schedule is rectified flow's).")
+    extra: dict = {"warmup": warmup} if warmup is not None else {}
+    if schedule is not None:
+        if schedule not in ddim_model.SCHEDULES:
+            raise InputError(f"--schedule must be one of {', '.join(ddim_model.SCHEDULES)}, got {schedule!r}.")
+        extra["schedule"] = schedule
+    folder = fresh_dir(out)  # after every check: a refused command leaves nothing behind
     pretrain(folder, world_batches(steps, batch_size, seed, workers), vocabulary(), steps=steps,
              batch_size=batch_size, lr=lr, device=device, seed=seed, log=typer.echo, max_seconds=max_seconds,
              init=init, **extra)

@@ -122,3 +122,56 @@ def test_default_train_then_quality_of_the_run(tmp_path):
     assert "| heldout-counts | all | 4 |" in proc.stdout
     bad = run_cli(["shapes", "quality", "--run", str(out), "--splits", "heldout-colours"])
     assert bad.returncode == 2 and "unknown shapes split" in bad.stderr
+
+
+def test_zero_snr_schedule_is_lin_et_als_and_its_v_target_is_diffusers():
+    """Lin et al. 2023's fixes: zero terminal SNR, sampling from t = 999, and the v target (diffusers' get_velocity);
+    the shipped schedule keeps its flaw (terminal alpha-bar 4.0e-5, sampling from t = 901)."""
+    from diffusers import DDIMScheduler
+
+    old, new = (DDIMScheduler(**shapes_model.SCHEDULES[k]) for k in ("ddpm", "zero-snr"))
+    assert float(old.alphas_cumprod[-1]) == pytest.approx(4.036e-5, rel=1e-3) and float(new.alphas_cumprod[-1]) == 0.0
+    assert float(new.alphas_cumprod[0]) == pytest.approx(float(old.alphas_cumprod[0]))  # Algorithm 1 keeps t = 0
+    old.set_timesteps(10)
+    new.set_timesteps(10)
+    assert int(old.timesteps[0]) == 901 and int(new.timesteps[0]) == 999
+    x0, noise = torch.randn(3, 12, 16, 16), torch.randn(3, 12, 16, 16)
+    t = torch.tensor([0, 500, 999])
+    a = new.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(shapes_model.training_target(x0, noise, a, True), new.get_velocity(x0, noise, t), atol=1e-6)
+    assert torch.equal(shapes_model.training_target(x0, noise, a, False), noise)
+
+
+def test_zero_snr_pretraining_samples_from_pure_noise(tmp_path):
+    from rlbench.diffusion.policy import load_policy
+
+    out = tmp_path / "m"
+    shapes_model.pretrain(out, shapes_model.world_batches(steps=2, batch_size=4, seed=0), shapes_model.vocabulary(),
+                          steps=2, batch_size=4, warmup=1, log=None, schedule="zero-snr")
+    assert json.loads((out / "pretrain.json").read_text())["schedule"] == "zero-snr"
+    policy = load_policy(str(out))
+    assert policy.scheduler.config.prediction_type == "v_prediction"
+    ro = policy.sample(["a red circle"], num_steps=3, eta=1.0, guidance_scale=5.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(ro.images).all() and torch.isfinite(ro.log_probs).all()
+    neg = policy.encode_prompts([""])
+    for k in range(3):  # the first step starts at alpha-bar 0: its log-probability replays exactly
+        lp = policy.step_log_prob(ro.latents[:, k], ro.timesteps[k], ro.latents[:, k + 1], ro.prompt_embeds, neg, 5.0,
+                                  1.0)
+        assert torch.equal(lp, ro.log_probs[:, k])
+
+
+def test_pretrain_cli_refuses_a_schedule_it_does_not_know_before_writing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rlbench = str(Path(sys.executable).parent / "rlbench")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for args, message in ((["--schedule", "cosine"], "--schedule must be one of ddpm, zero-snr"),
+                          (["--family", "flow", "--schedule", "zero-snr"], "--schedule is for --family ddim")):
+        proc = subprocess.run([rlbench, "shapes", "pretrain", "--out", str(tmp_path / "m"), "--steps", "1", *args],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "m").exists()

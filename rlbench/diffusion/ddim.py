@@ -128,8 +128,10 @@ def _ddim_mean_and_std(
     variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
     std_dev_t = eta * variance**0.5
 
-    # 6-7. direction pointing to x_t, then the mean of x_{t-1}.
-    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
+    # 6-7. direction pointing to x_t, then the mean of x_{t-1}. At eta = 1 from a zero-terminal-SNR step
+    # (alpha_prod_t = 0, Lin et al. 2023) the coefficient is exactly 0 and rounds to about -1e-8, where
+    # DDIMScheduler.step returns NaN; clamping at 0 changes nothing wherever the scheduler's value is defined.
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2).clamp(min=0) ** 0.5 * pred_epsilon
     prev_sample_mean = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
     return prev_sample_mean, std_dev_t
 

@@ -44,6 +44,16 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
+# The shipped model's schedule above has a terminal SNR of 4.0e-5 (not zero) and samples from t = 901: the flaws of
+# Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed" (arXiv:2305.08891), which keep a
+# model from choosing the image's mean colour (the shapes model draws white and black backgrounds gray). Their fixes:
+# betas rescaled to zero terminal SNR (their Algorithm 1 = diffusers' rescale_betas_zero_snr), v-prediction (an
+# epsilon model cannot denoise pure noise) and "trailing" spacing (sampling starts at t = 999).
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "ddpm": SCHEDULER_CONFIG,
+    "zero-snr": {**SCHEDULER_CONFIG, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+                 "timestep_spacing": "trailing"},
+}
 
 # The UNet denoises space-to-depth images: (3, 32, 32) -> (12, 16, 16), a lossless reshaping
 # (undone by DiffusionPolicy.decode) that makes every step about 3x cheaper on a CPU than the same
@@ -139,8 +149,9 @@ def write_tokenizer(folder: Path, words: Iterable[str]) -> None:
     (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
 
 
-def new_components(words: Iterable[str], seed: int = 0) -> dict[str, Any]:
-    """Fresh, randomly initialised components (unet, text_encoder, tokenizer, scheduler)."""
+def new_components(words: Iterable[str], seed: int = 0, schedule: str = "ddpm") -> dict[str, Any]:
+    """Fresh, randomly initialised components (unet, text_encoder, tokenizer, scheduler); ``schedule`` names one of
+    :data:`SCHEDULES`."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -155,7 +166,7 @@ def new_components(words: Iterable[str], seed: int = 0) -> dict[str, Any]:
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **TEXT_CONFIG,
         ))
     return {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": DDIMScheduler(**SCHEDULER_CONFIG)}
+            "scheduler": DDIMScheduler(**SCHEDULES[schedule])}
 
 
 def check_init(init: Path, modules: Iterable[str]) -> None:
@@ -333,6 +344,12 @@ def train_and_save(out: Path, modules: list[torch.nn.Module], loss_of, batches, 
     return out
 
 
+def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, v: bool) -> torch.Tensor:
+    """What the UNet learns to predict from ``x_t = sqrt(a) x0 + sqrt(1 - a) noise``: the noise (epsilon), or with
+    ``v`` the velocity ``sqrt(a) noise - sqrt(1 - a) x0`` (Salimans & Ho 2022, as diffusers' ``get_velocity``)."""
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0 if v else noise
+
+
 def pretrain(
     out: Path,
     batches: Iterable[tuple[np.ndarray, list[str]]],
@@ -348,15 +365,21 @@ def pretrain(
     log_every: int = 200,
     max_seconds: float | None = None,
     init: Path | None = None,
+    schedule: str = "ddpm",
 ) -> Path:
     """Train the model from scratch (or, with ``init``, on from a saved model folder's weights) on ``batches`` of
-    (uint8 images (B,32,32,3), captions).
+    (uint8 images (B,32,32,3), captions), under the noise schedule ``schedule`` (:data:`SCHEDULES`: DDPM's epsilon
+    loss, or the v loss of the zero-terminal-SNR schedule).
 
     AdamW with linear warm-up then cosine decay; gradients clipped at 1; the EMA of the UNet and
     text-encoder weights is saved to ``out`` in the diffusers layout, with ``pretrain.json``.
     """
+    from rlbench.errors import InputError
+
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}.")
     words = list(words)
-    comps = new_components(words, seed)
+    comps = new_components(words, seed, schedule)
     if init is not None:
         comps = init_components(comps, init, ("unet", "text_encoder"))
     unet, text_encoder, tokenizer, scheduler = (comps[k] for k in ("unet", "text_encoder", "tokenizer", "scheduler"))
@@ -366,18 +389,22 @@ def pretrain(
     alphas = scheduler.alphas_cumprod.to(dev)
     gen = torch.Generator().manual_seed(seed)
 
-    def loss_of(images: np.ndarray, captions: list[str]) -> torch.Tensor:  # DDPM's epsilon loss
+    v_loss = scheduler.config.prediction_type == "v_prediction"
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise InputError(f"pretraining knows epsilon and v_prediction, not {scheduler.config.prediction_type!r}.")
+
+    def loss_of(images: np.ndarray, captions: list[str]) -> torch.Tensor:  # DDPM's epsilon loss (or v)
         x0, ids = batch_tensors(images, captions, tokenizer, dev)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=gen).to(dev)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(x_t, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        return torch.nn.functional.mse_loss(pred.float(), noise)
+        return torch.nn.functional.mse_loss(pred.float(), training_target(x0, noise, a, v_loss))
 
     return train_and_save(out, [unet, text_encoder], loss_of, batches, lambda: save_components(out, comps, words),
                           steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, device=device, seed=seed, log=log,
-                          log_every=log_every, max_seconds=max_seconds, meta=init_meta(init))
+                          log_every=log_every, max_seconds=max_seconds, meta={"schedule": schedule, **init_meta(init)})
 
 
 # -- the shipped model ----------------------------------------------------------------------------
