@@ -24,7 +24,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def headroom(policy, prompts: list[str], k: int, *, steps: int, guidance: float, seed: int, sampler=None) -> dict:
@@ -82,11 +81,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=None, help="default: 5 (shapes), 4.5 (shapes-flow)")
-    parser.add_argument("--sampler", default=None, help="flow models: ode, flow-sde, dance-sde (default flow-sde)")
+    parser.add_argument("--sampler", default=None, help="flow models: ode, flow-sde, dance-sde (default: the model's own)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from rlbench.diffusion.policy import load_policy
     from rlbench.diffusion.sampler import DEFAULT_NOISE, Sampler
@@ -102,7 +100,7 @@ def main() -> None:
         label = args.model
     sampler = None
     if policy.family == "flow":
-        name = args.sampler or "flow-sde"
+        name = args.sampler or policy.default_sampler
         sampler = policy.as_sampler(Sampler(name, DEFAULT_NOISE[name]))
         label += f", {name}"
     guidance = args.guidance if args.guidance is not None else (4.5 if policy.family == "flow" else 5.0)
@@ -113,10 +111,9 @@ def main() -> None:
     r.update({"label": label, "steps": args.steps, "guidance": guidance, "seed": args.seed})
     print(render(r, label))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(r, indent=2))
-        tmp.replace(args.json)
+        from rlbench.train.rundir import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(r, indent=2))
 
 
 if __name__ == "__main__":

@@ -672,8 +672,7 @@ def shapes_pretrain(
         raise InputError("--schedule is for --family ddim (the flow model's schedule is rectified flow's).")
     extra: dict = {"warmup": warmup} if warmup is not None else {}
     if schedule is not None:
-        if schedule not in ddim_model.SCHEDULES:
-            raise InputError(f"--schedule must be one of {', '.join(ddim_model.SCHEDULES)}, got {schedule!r}.")
+        ddim_model.check_schedule(schedule)
         extra["schedule"] = schedule
     folder = fresh_dir(out)  # after every check: a refused command leaves nothing behind
     pretrain(folder, world_batches(steps, batch_size, seed, workers), vocabulary(), steps=steps,

@@ -149,6 +149,14 @@ def write_tokenizer(folder: Path, words: Iterable[str]) -> None:
     (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
 
 
+def check_schedule(schedule: str) -> None:
+    """That ``schedule`` names one of :data:`SCHEDULES` (one message for the CLI and the library)."""
+    from rlbench.errors import InputError
+
+    if schedule not in SCHEDULES:
+        raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
+
+
 def new_components(words: Iterable[str], seed: int = 0, schedule: str = "ddpm") -> dict[str, Any]:
     """Fresh, randomly initialised components (unet, text_encoder, tokenizer, scheduler); ``schedule`` names one of
     :data:`SCHEDULES`."""
@@ -374,10 +382,7 @@ def pretrain(
     AdamW with linear warm-up then cosine decay; gradients clipped at 1; the EMA of the UNet and
     text-encoder weights is saved to ``out`` in the diffusers layout, with ``pretrain.json``.
     """
-    from rlbench.errors import InputError
-
-    if schedule not in SCHEDULES:
-        raise InputError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}.")
+    check_schedule(schedule)
     words = list(words)
     comps = new_components(words, seed, schedule)
     if init is not None:
@@ -389,9 +394,7 @@ def pretrain(
     alphas = scheduler.alphas_cumprod.to(dev)
     gen = torch.Generator().manual_seed(seed)
 
-    v_loss = scheduler.config.prediction_type == "v_prediction"
-    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise InputError(f"pretraining knows epsilon and v_prediction, not {scheduler.config.prediction_type!r}.")
+    v_loss = scheduler.config.prediction_type == "v_prediction"  # SCHEDULES hold epsilon or v_prediction
 
     def loss_of(images: np.ndarray, captions: list[str]) -> torch.Tensor:  # DDPM's epsilon loss (or v)
         x0, ids = batch_tensors(images, captions, tokenizer, dev)
