@@ -30,7 +30,7 @@ def test_every_shipped_spec_validates():
         by_suite.setdefault(s.suite, []).append(s)
         assert s.suite.startswith(s.path.parent.name) and s.path.stem == s.id  # shapes/*-v2: suite shapes-v2
         assert set(s.configs) == set(s.seeds)  # every seed resolved by rlbench.config.resolve
-    assert set(by_suite) == {"ddpo-paper", "shapes", "shapes-v2"}  # shapes-v2: tests/test_shapes_v2.py
+    assert set(by_suite) == {"ddpo-paper", "shapes", "shapes-v2", "shapes-v2-extra"}  # v2: tests/test_shapes_v2.py
     paper, shapes = by_suite["ddpo-paper"], by_suite["shapes"]
     # The paper: 4 tasks x 4 algorithms, Table D.5.
     assert {(s.reward, s.train["algorithm"]["name"]) for s in paper} == {
@@ -65,7 +65,8 @@ def test_every_shipped_spec_validates():
 
 def test_specs_are_found_by_path_suite_and_id():
     assert (packaged_root() / "shapes" / "clip-rwr-v1.toml").is_file()  # package data (rlbench.benchmarks)
-    assert len(find_specs("shapes")) == 18 + 19 and len(find_specs(ROOT / "benchmarks" / "ddpo-paper")) == 16
+    assert len(find_specs("shapes")) == 18 + 7 and len(find_specs(ROOT / "benchmarks" / "ddpo-paper")) == 16
+    assert len(find_specs("shapes-v2-extra")) == 13  # the v2 rows cut from the 4-hour suite
     assert find_specs("shapes/clip-rwr-v1") == find_specs("clip-rwr-v1") == [packaged_root() / "shapes/clip-rwr-v1.toml"]
     with pytest.raises(ConfigError, match="ambiguous"):
         find_specs("aesthetic-rwr-v1")  # in both suites
@@ -143,7 +144,7 @@ def test_cli_bench_list_and_validate(runner, tmp_path):
     assert "compressibility-ddpo-is-v1" in res.output and "gold-rwr-sparse-v1" in res.output
     res = runner.invoke(app, ["bench", "validate"])
     assert res.exit_code == 0, res.output
-    assert "53 specs valid." in res.output  # 16 paper + 18 shapes v1 + 19 shapes v2
+    assert "54 specs valid." in res.output  # 16 paper + 18 shapes v1 + 20 shapes v2 (7 + 13 extra)
     # A folder with one good and two bad specs: exit 2, every invalid one named.
     _copy(tmp_path)
     _copy(tmp_path, lambda t: t.replace("[eval]\n", "[eval]\nimages = 3\n").replace("clip-ddpo-is", "bad-a"), "bad-a-v1.toml")
@@ -284,6 +285,21 @@ def counted(monkeypatch):
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer.Trainer, "epoch", epoch)
     return calls
+
+
+def test_a_run_of_one_suite_leaves_the_other_suites_results_as_they_were(tiny_spec, tiny_model, tmp_path):
+    """`rlbench bench run shapes --only '*-v2'` covers v1's specs too; only the selected suite's README is rewritten."""
+    other = tmp_path / "specs" / "other-v1.toml"
+    other.write_text(TINY.format(model=tiny_model).replace('name = "tiny"', 'name = "other"')
+                     .replace('suite = "tiny-suite"', 'suite = "other-suite"'))
+    specs = load_specs(tmp_path / "specs")
+    out = tmp_path / "results"
+    (out / "other-suite").mkdir(parents=True)
+    (out / "other-suite" / "README.md").write_text("committed results\n")
+    bench_runner.run(specs, out=out, only="tiny-v1/*", log=lambda line: None)
+    assert (out / "tiny-suite" / "README.md").is_file()
+    assert (out / "other-suite" / "README.md").read_text() == "committed results\n"
+    assert not (out / "other-suite" / "runs").exists()
 
 
 def test_tiny_spec_runs_end_to_end_and_a_rerun_skips_it(tiny_spec, tmp_path, counted, runner):

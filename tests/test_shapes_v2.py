@@ -32,17 +32,24 @@ def _generator():
 
 def test_shipped_v2_specs_are_the_generators_output():
     gen = _generator()
-    files = gen.specs()
-    shipped = {p.name: p.read_text() for p in (ROOT / "benchmarks" / "shapes").glob("*-v2.toml")}
-    assert shipped == files  # run `python benchmarks/shapes_v2_specs.py` after editing its table
+    for folder in ("shapes", "shapes-v2-extra"):
+        files = gen.specs(ROOT / "benchmarks" / folder)
+        shipped = {p.name: p.read_text() for p in (ROOT / "benchmarks" / folder).glob("*-v2.toml")}
+        assert shipped == files  # run `python benchmarks/shapes_v2_specs.py` after editing its table
 
 
 def test_v2_design_equal_budget_three_seeds_and_both_families():
-    specs = [load_spec(p) for p in find_specs("shapes") if p.stem.endswith("-v2")]
-    assert len(specs) == 19
+    core = [load_spec(p) for p in find_specs("shapes") if p.stem.endswith("-v2")]
+    extra = [load_spec(p) for p in find_specs("shapes-v2-extra")]
+    # the 4-hour suite: the upper reference per family and the rows the README's findings are read from
+    assert {s.id for s in core} == {"gold-grpo-nokl-v2", "gold-flow-grpo-v2", "clip-grpo-v2", "clip-ddpo-is-v2",
+                                    "clip-flow-grpo-v2", "clip-flow-grpo-nokl-v2", "clip-flow-nft-v2"}
+    assert {s.suite for s in core} == {"shapes-v2"} and {s.suite for s in extra} == {"shapes-v2-extra"}
+    specs = core + extra
+    assert len(specs) == 20
     families = {}
     for s in specs:
-        assert s.suite == "shapes-v2" and s.seeds == (0, 1, 2)
+        assert s.seeds == (0, 1, 2)  # the cut rows keep the suite's power
         cfg = s.configs[0]
         assert cfg.samples_per_epoch * cfg.run.epochs == 2048  # equal reward queries in every row
         assert 100 not in s.seeds  # the probes' seed is not the suite's
