@@ -103,12 +103,12 @@ REWARD_ROWS = {
 PREFIX = {"shapes-clip": "clip", "shapes-aesthetic": "aesthetic", "shapes-gold": "gold"}
 # The 4-hour cut (issue 20: "fit the whole v2 suite in about 4 hours of this CPU; if it cannot, cut rows, not
 # power"). Measured on this CPU in two lanes (OMP_NUM_THREADS=1 each, `rlbench bench run` twice): a run (32 epochs,
-# 2,048 queries, then the powered evaluation of its last checkpoint) takes 26-28 min (DDIM: 19 min of training) and
+# 2,048 queries, then the powered evaluation of its last checkpoint) takes 26-30 min (DDIM: 19-24 min of training) and
 # 24-30 min (flow: 17-25, the KL anchor's reference pass the difference) a lane, so all 20 rows x 3 seeds need ~14 h.
 # These 7 rows (21 runs, ~4.7 h in two lanes) answer the issue's findings:
 # the upper reference per family, GRPO and DDPO-IS on DDIM, Flow-GRPO with and without its KL anchor
 # ("little reward hacking with the KL"), DiffusionNFT against Flow-GRPO (its efficiency claim), and the ratio per
-# step (GRPO-Guard) from every GRPO run. The other 12 rows, the same power, are suite `shapes-v2-extra`
+# step (GRPO-Guard) from every GRPO run. The other 13 rows, the same power, are suite `shapes-v2-extra`
 # (benchmarks/shapes-v2-extra/; `rlbench bench run shapes-v2-extra` runs them).
 CORE = {("shapes-gold", "grpo-nokl"), ("shapes-gold", "flow-grpo"), ("shapes-clip", "grpo"),
         ("shapes-clip", "ddpo-is"), ("shapes-clip", "flow-grpo"), ("shapes-clip", "flow-grpo-nokl"),
@@ -127,6 +127,9 @@ def _toml(value) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f'"{k}" = {_toml(v)}' for k, v in value.items()) + " }"
     return str(value)
+
+
+FOLDERS = {"shapes-v2": HERE, "shapes-v2-extra": EXTRA_DIR}
 
 
 def suite_of(row, reward: str) -> str:
@@ -234,7 +237,7 @@ def specs(folder: Path = HERE) -> dict[str, str]:
             row = by_id[rid]
             if row[2] == "rwr" and (row[1], reward) not in RWR_BETA:
                 continue
-            if (folder == HERE) == (suite_of(row, reward) == "shapes-v2"):
+            if FOLDERS[suite_of(row, reward)] == folder:
                 out[f"{PREFIX[reward]}-{rid}-v2.toml"] = spec_text(row, reward)
     return out
 
@@ -244,7 +247,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     differs = False
-    for folder in (HERE, EXTRA_DIR):
+    for folder in FOLDERS.values():
         files = specs(folder)
         stale = [n for n, text in files.items() if not (folder / n).is_file() or (folder / n).read_text() != text]
         extra = [p.name for p in folder.glob("*-v2.toml") if p.name not in files]
