@@ -444,19 +444,41 @@ def test_suite_tables_compute_efficiency_overoptimisation_and_transfer(monkeypat
     assert tr.loc["a", "tr"] == pytest.approx(3.0)
 
 
-def test_bench_report_regenerates_the_committed_shapes_tables_byte_for_byte(tmp_path):
-    """`rlbench bench report results/shapes` rebuilds summary.csv and every derived table from the committed runs
-    exactly as committed (the refactors of the sampler, the trainer and the algorithms keep them reproducible)."""
+def test_suite_plots_draw_a_line_per_spec_when_two_specs_share_an_algorithm(monkeypatch):
+    """v2 trains grpo in three rows on one reward: their curves and points must not be averaged into one."""
+    from rlbench.bench import analysis
+    from rlbench.eval import plan
+    from rlbench.eval import plots as eval_plots
+
+    monkeypatch.setattr(plan, "model_eval_defaults", lambda model: {"gold_rewards": ["x-gold"]} if model == "fake" else {})
+    monkeypatch.setattr(eval_plots, "_png", lambda fig: fig)
+    summary, specs = _fake_suite()
+    for s in specs:
+        s.train["algorithm"]["name"] = "grpo"
+    figs = analysis.plots(summary, specs)
+    for name in ("curves.png", "proxy_vs_gold.png"):
+        labels = figs[name].axes[0].get_legend_handles_labels()[1]
+        assert sorted(labels) == ["a-v1", "b-v1"], (name, labels)
+    proxy_line = {ln.get_label(): ln.get_ydata() for ln in figs["curves.png"].axes[0].get_lines() if ln.get_label() in ("a-v1", "b-v1")}
+    assert list(proxy_line["a-v1"]) == [0, 2, 3] and list(proxy_line["b-v1"]) == [0, 0, 2]
+
+
+@pytest.mark.parametrize("suite, n_tables", [("shapes", 12), ("shapes-v2", 24)])
+def test_bench_report_regenerates_the_committed_shapes_tables_byte_for_byte(tmp_path, suite, n_tables):
+    """`rlbench bench report results/<suite>` rebuilds summary.csv and every derived table from the committed runs
+    exactly as committed (the refactors of the sampler, the trainer and the algorithms keep them reproducible;
+    v2 adds the intervals, significance, equal-time and ratio-by-step tables)."""
     import shutil
 
     from rlbench.bench.runner import report
 
-    committed = Path(__file__).resolve().parents[1] / "results" / "shapes"
-    copy = tmp_path / "shapes"
-    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("report.html", "plots"))
+    committed = Path(__file__).resolve().parents[1] / "results" / suite
+    copy = tmp_path / suite
+    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("report.html", "plots", "probes", "dropped",
+                                                                   "headroom", "continued-flow"))
     report(copy)
     assert (copy / "summary.csv").read_bytes() == (committed / "summary.csv").read_bytes()
     names = sorted(p.name for p in (committed / "tables").iterdir())
-    assert len(names) == 12
+    assert len(names) == n_tables
     for name in names:
         assert (copy / "tables" / name).read_bytes() == (committed / "tables" / name).read_bytes(), name

@@ -266,12 +266,13 @@ def plots(summary: pd.DataFrame, specs: Sequence[Any], oo: Table | None = None) 
     if panels:
         fig, axes = _grid(len(panels), max_cols=3)
         for ax, (t, r) in zip(axes, panels):
-            for algo, g in train[(train["trained"] == t) & (train["reward"] == r)].groupby("algorithm"):
+            # A line per spec, not per algorithm: v2 trains grpo in three rows on one reward.
+            for spec_id, g in train[(train["trained"] == t) & (train["reward"] == r)].groupby("spec"):
                 curves = [_curve(gs) for _, gs in g.groupby("seed")]
                 x = np.unique(np.concatenate([c["reward_queries"].to_numpy(float) for c in curves]))
                 ys = np.stack([np.interp(x, c["reward_queries"].to_numpy(float), c["delta"].to_numpy(float))
                                for c in curves])
-                line, = ax.plot(x, ys.mean(0), marker="o", ms=3, label=algo)
+                line, = ax.plot(x, ys.mean(0), marker="o", ms=3, label=spec_id)
                 if len(curves) > 1:
                     ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
             ax.axhline(0, color="grey", lw=0.6)
@@ -291,7 +292,7 @@ def plots(summary: pd.DataFrame, specs: Sequence[Any], oo: Table | None = None) 
         for ax, (t, gd) in zip(axes, pairs):
             for r in oo[oo["trained"] == t].to_dict("records"):
                 ax.errorbar(r["proxy_gain"], r[f"{gd}:change"], xerr=_err(r.get("proxy_gain:sd")),
-                            yerr=_err(r.get(f"{gd}:change:sd")), fmt="o", capsize=2, label=r["algorithm"])
+                            yerr=_err(r.get(f"{gd}:change:sd")), fmt="o", capsize=2, label=r["spec"])
             ax.axhline(0, color="grey", lw=0.6)
             ax.axvline(0, color="grey", lw=0.6)
             ax.set_xlabel(f"{t} gain", fontsize=8)
