@@ -356,7 +356,15 @@ def test_a_killed_run_resumes_only_with_resume(tiny_spec, tmp_path, counted, run
     assert counted["train"][-1] == run / "train"
     rows = [json.loads(line)["epoch"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert rows == [0, 1]
-    assert json.loads((run / "state.json").read_text())["status"] == "done"
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "done"
+    # Each training attempt records its machine and speed (the equal-time table's clock); the two attempts'
+    # training times add up to the run's.
+    assert len(state["machines"]) == 2
+    for attempt in state["machines"]:
+        assert attempt["speed_model"] == bench_runner.SPEED_MODEL and attempt["device"].startswith("cpu")
+        assert 0 < attempt["seconds_per_image_step"] < 1 and attempt["train_seconds"] > 0
+    assert sum(a["train_seconds"] for a in state["machines"]) == pytest.approx(state["train_seconds"])
 
 
 def test_dry_run_of_a_local_model_measures_this_device(tiny_spec):
@@ -384,6 +392,7 @@ def test_a_run_killed_while_evaluating_resumes_without_training_again(tiny_spec,
     outcomes = bench_runner.run(tiny_spec, out=out, resume=True, log=lambda line: None)
     assert [o.status for o in outcomes] == ["resumed"] and counted["train"] == [None]  # trained once
     assert (run / "eval" / "report.html").is_file()
+    assert len(json.loads((run / "state.json").read_text())["machines"]) == 1  # one training attempt
 
 
 # -- cross-run analysis ------------------------------------------------------------------------------------

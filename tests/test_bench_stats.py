@@ -175,6 +175,51 @@ def test_equal_time_averages_the_epochs_ending_in_the_window(suite):
     assert shown.loc["p-a-v2", "trained-reward change"].startswith("+9.35 ± ")
 
 
+def _machines(root: Path, algo: str, seed: int, attempts: list[tuple[float | None, float]]) -> None:
+    """state.json with one machine record per training attempt: (seconds per image-step, training seconds)."""
+    machines = [{"node": "vm", "device": "cpu", "speed_model": "shapes", "seconds_per_image_step": v,
+                 "train_seconds": t} for v, t in attempts]
+    (root / "runs" / f"p-{algo}-v2" / f"seed-{seed}" / "state.json").write_text(
+        json.dumps({"status": "done", "machines": machines}))
+
+
+def test_machine_speed_weights_attempts_by_training_time_and_refuses_a_gap(tmp_path):
+    for seed, attempts in enumerate([[(1.0, 30.0), (3.0, 10.0)], [(2.0, 5.0), (None, 5.0)], []]):
+        (tmp_path / "runs" / "p-a-v2" / f"seed-{seed}").mkdir(parents=True)
+        _machines(tmp_path, "a", seed, attempts)
+    state = tmp_path / "runs" / "p-a-v2"
+    assert stats.machine_speed(state / "seed-0" / "state.json") == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
+    assert math.isnan(stats.machine_speed(state / "seed-1" / "state.json"))  # an attempt was not timed
+    assert math.isnan(stats.machine_speed(state / "seed-2" / "state.json"))  # made before the record existed
+    assert math.isnan(stats.machine_speed(state / "seed-9" / "state.json"))  # no file
+
+
+def test_equal_time_puts_runs_from_a_slower_machine_on_one_clock(suite):
+    """b's runs ran on a machine twice as slow as a's and c's: its 20 s epochs are 10 s on the common clock."""
+    root, summary, specs = suite
+    raw = stats.equal_time(stats.read_metrics(root, summary), specs, ["x-gold"])
+    assert "No run recorded its machine's speed" in raw.caption and "Times are on one clock" not in raw.caption
+    for a in "abc":
+        for seed in (0, 1, 2):
+            if (a, seed) != ("b", 2):  # no folder: that run has no metrics
+                _machines(root, a, seed, [(2.0e-3 if a == "b" else 1.0e-3, 100.0)])
+    table = stats.equal_time(stats.read_metrics(root, summary), specs, ["x-gold"])
+    data = table.data.set_index("spec")
+    # The median machine is a's and c's (6 of the 8 runs with logs): a and c keep their times, T is still 100 s.
+    assert set(data["seconds"]) == {100.0} and "Times are on one clock" in table.caption and "1.00 ms" in table.caption
+    assert data.loc["p-b-v2", "machine_seconds_per_image_step"] == pytest.approx(2.0e-3)
+    # b: epochs 8, 9 now end in the window, as a's do (before: only epoch 4).
+    assert data.loc["p-b-v2", "epochs"] == 2
+    assert data.loc["p-b-v2", "proxy_change"] == pytest.approx(np.mean([8.5 * 1.0, 8.5 * 1.1]))
+    assert data.loc["p-a-v2", "proxy_change"] == pytest.approx(8.5 * 1.1)
+    # One run without a record: no run is rescaled (a half-normalised clock compares nothing), and it says so.
+    _machines(root, "c", 1, [])
+    partial = stats.equal_time(stats.read_metrics(root, summary), specs, ["x-gold"])
+    assert partial.data.set_index("spec").loc["p-b-v2", "epochs"] == 1
+    assert "1 of the 8 runs recorded no machine speed" in partial.caption
+    assert "machine_seconds_per_image_step" not in partial.data
+
+
 def test_ratio_by_step_averages_ignoring_nulls(suite):
     root, summary, specs = suite
     metrics = stats.read_metrics(root, summary)

@@ -4,7 +4,8 @@ Output folder (default ``results/<suite>/``)::
 
     runs/<spec id>/seed-<s>/train/        the run directory (rlbench train)
     runs/<spec id>/seed-<s>/eval/         the evaluation (rlbench eval): scores, tables, plots, report.html
-    runs/<spec id>/seed-<s>/state.json    status (training -> evaluating -> done), the spec's sha256, timings
+    runs/<spec id>/seed-<s>/state.json    status (training -> evaluating -> done), the spec's sha256, timings,
+                                          and per training attempt the machine and its speed (``machines``)
     runs/<spec id>/<spec id>.toml         a copy of the spec file the runs were made from
     summary.csv                           every run's eval summary (tables/summary.csv) with spec and seed
     README.md                             machine, versions, git commit, wall time, the runs and a main table
@@ -13,6 +14,11 @@ Output folder (default ``results/<suite>/``)::
 A finished run (``done``, same spec file) is skipped. A killed run is refused unless ``resume``: then
 training continues from its last intact checkpoint and the evaluation (atomic, cached) is redone.
 A run whose spec file changed since it ran is an error: a changed experiment is a new spec version.
+
+Each training attempt records the machine it ran on and that machine's speed: ``seconds_per_image_step`` of
+:data:`SPEED_MODEL` on the run's device (:func:`measure_image_step`, timed once per invocation, before the first
+training). A suite whose runs were made on machines of different speeds is compared at equal wall time on the
+normalised clock (:func:`rlbench.bench.stats.equal_time`).
 
 Time estimates (:func:`plan`) count UNet image-steps: every sampled image x its DDIM steps, plus
 ``TRAIN_STEP_COST`` per trained step (a forward and a backward), plus the evaluation's images x steps
@@ -50,6 +56,9 @@ TRAIN_STEP_COST = 3.0
 RUN_OVERHEAD_S = 10.0  # start-up per run and per evaluation (model loading)
 SD_MODELS = {"sd-1.4": "CompVis/stable-diffusion-v1-4", "sd-1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 STATE_FILE = "state.json"
+# The machine-speed probe: the shipped shapes UNet (it loads offline everywhere), timed as the plan's estimates
+# are; about 2 s on a 2-core CPU once the model is loaded.
+SPEED_MODEL = "shapes"
 
 
 @dataclasses.dataclass
@@ -162,6 +171,20 @@ def device_name(device: str = "auto") -> str:
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(0)})"
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+
+
+def machine_record(device: str = "auto") -> dict[str, Any]:
+    """The machine a training attempt runs on: its name, device and speed (seconds per guided image-step of
+    :data:`SPEED_MODEL`; ``None`` with the reason where it cannot be timed)."""
+    rec: dict[str, Any] = {"node": platform.node() or "unknown", "device": device_name(device),
+                           "speed_model": SPEED_MODEL, "seconds_per_image_step": None}
+    try:
+        rec["seconds_per_image_step"] = measure_image_step(SPEED_MODEL, device)
+    except (RLBenchError, OSError, RuntimeError) as exc:  # a run is not refused for its clock
+        rec["speed_error"] = f"{type(exc).__name__}: {exc}"
+    if hasattr(os, "getloadavg"):
+        rec["load_average"] = round(os.getloadavg()[0], 2)
+    return rec
 
 
 def _cached(repo: str) -> bool:
@@ -329,6 +352,7 @@ def run(specs: Sequence[Spec], *, out: str | Path | None = None, only: str | Non
     if problems:
         raise ConfigError("; ".join(problems) + ".")
     outcomes: list[RunOutcome] = []
+    machines: dict[str, dict[str, Any]] = {}  # per device: this invocation's machine record (timed once)
     t_all = time.perf_counter()
     for i, (spec, seed) in enumerate(pairs, 1):
         root = _out_for(spec, out, suites)
@@ -352,8 +376,12 @@ def run(specs: Sequence[Spec], *, out: str | Path | None = None, only: str | Non
         cfg = spec.config(seed, out=str(train_dir))
         if device:
             cfg = cfg.with_changes({"model.device": device})
+        if state["status"] == "training" and cfg.model.device not in machines:  # not counted as training time
+            machines[cfg.model.device] = machine_record(cfg.model.device)
         t0 = time.perf_counter()
         if state["status"] == "training":
+            attempt = {**machines[cfg.model.device], "train_seconds": 0.0}
+            state.setdefault("machines", []).append(attempt)
             _write_state(folder, state)
             log(f"[{i}/{len(pairs)}] {rid}: training ({cfg.algorithm.name}, {cfg.reward.name}, {cfg.run.epochs} epochs"
                 + (", resuming" if resumed else "") + ")")
@@ -366,7 +394,8 @@ def run(specs: Sequence[Spec], *, out: str | Path | None = None, only: str | Non
                     train(config=cfg, overwrite=True, log=None)
                 state["status"] = "evaluating"
             finally:  # a killed attempt's time counts too (the README's wall time)
-                state["train_seconds"] += time.perf_counter() - t0
+                attempt["train_seconds"] = time.perf_counter() - t0
+                state["train_seconds"] += attempt["train_seconds"]
                 _write_state(folder, state)
         t1 = time.perf_counter()
         log(f"[{i}/{len(pairs)}] {rid}: evaluating")

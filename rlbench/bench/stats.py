@@ -9,6 +9,8 @@ when every spec with results has at least :data:`MIN_SEEDS` seeds).
 * ``equal_time``: the same runs at equal wall time, from ``train/metrics.jsonl``: the trained and the watched
   gold rewards on the training samples of the epochs ending in (0.8 T, T] of cumulative training time, minus
   epoch 0 (the base model's samples); T is the smallest median training time among the specs of a reward.
+  When every run recorded its machine's speed (``state.json`` ``machines``), the clocks are first put on the
+  median machine's, so runs made on machines of different speeds compare.
 * ``ratio_by_step``: the mean PPO importance ratio per denoising step (DDPO-IS and GRPO runs log it), to see
   whether it drifts below 1 at the low-noise steps (GRPO-Guard's diagnosis).
 
@@ -301,8 +303,30 @@ def read_metrics(root: Path, summary: pd.DataFrame) -> pd.DataFrame:
                 rows.append(row)
         if rows:
             df = pd.DataFrame(rows).drop_duplicates("epoch", keep="last").sort_values("epoch")
-            frames.append(df.assign(spec=spec, seed=int(seed)))
+            speed = machine_speed(root / "runs" / spec / f"seed-{seed}" / "state.json")
+            frames.append(df.assign(spec=spec, seed=int(seed), machine_seconds_per_image_step=speed))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["spec", "seed", "epoch"])
+
+
+def machine_speed(state_file: Path) -> float:
+    """A run's machine speed from its ``state.json`` (``machines``, one record per training attempt, written by
+    :func:`rlbench.bench.runner.run`): seconds per image-step of the speed probe, averaged over the attempts
+    weighted by their training time; NaN where any attempt (or the whole run, made before the record existed)
+    has no timing."""
+    try:
+        attempts = json.loads(state_file.read_text(encoding="utf-8")).get("machines")
+    except (OSError, ValueError, AttributeError):
+        return math.nan
+    if not isinstance(attempts, list) or not attempts:
+        return math.nan
+    speeds, weights = [], []
+    for a in attempts:
+        v = a.get("seconds_per_image_step") if isinstance(a, dict) else None
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            return math.nan
+        speeds.append(float(v))
+        weights.append(max(float(a.get("train_seconds") or 0.0), 0.0))
+    return float(np.average(speeds, weights=weights)) if sum(weights) > 0 else float(np.mean(speeds))
 
 
 def _column(run: pd.DataFrame, key: str) -> np.ndarray:
@@ -319,7 +343,19 @@ def equal_time(metrics: pd.DataFrame, specs: Sequence[Any], golds: Sequence[str]
         cum = np.cumsum(_column(run, "seconds"))
         if not len(cum) or not np.all(np.isfinite(cum)) or 0 not in set(run["epoch"]):
             continue
-        runs.setdefault(spec_id, []).append({"seed": seed, "run": run, "cum": cum, "total": float(cum[-1])})
+        speed = _column(run, "machine_seconds_per_image_step")[0]
+        runs.setdefault(spec_id, []).append({"seed": seed, "run": run, "cum": cum, "speed": speed})
+    # Machines of different speeds: every run's clock is put on the median machine's (a run on a machine half as
+    # fast counts half its seconds). Only when every run was timed: a partly normalised clock compares nothing.
+    speeds = [r["speed"] for rs in runs.values() for r in rs]
+    timed = sum(math.isfinite(v) for v in speeds)
+    normalised = bool(speeds) and timed == len(speeds)
+    reference = float(np.median(speeds)) if normalised else math.nan
+    for rs in runs.values():
+        for r in rs:
+            if normalised:
+                r["cum"] = r["cum"] * (reference / r["speed"])
+            r["total"] = float(r["cum"][-1])
     by_reward: dict[str, list[str]] = {}
     for spec_id in sorted(runs):
         by_reward.setdefault(by_id[spec_id].reward, []).append(spec_id)
@@ -347,6 +383,8 @@ def equal_time(metrics: pd.DataFrame, specs: Sequence[Any], golds: Sequence[str]
             data = {"trained": trained, "spec": spec_id, "algorithm": spec.train["algorithm"]["name"],
                     "family": family(spec), "seconds": T, "runs": len(epochs),
                     "epochs": float(np.mean(epochs)) if epochs else math.nan}
+            if normalised:  # the runs' machines: seconds per image-step of the speed probe, mean over seeds
+                data["machine_seconds_per_image_step"] = float(np.mean([r["speed"] for r in runs[spec_id]]))
             disp = {"trained on": trained, "spec": spec_id, "algorithm": data["algorithm"], "family": data["family"],
                     "runs": len(epochs), "epochs in window": ", ".join(map(str, epochs)) or "–"}
             for col, shown, _ in keys:
@@ -357,6 +395,17 @@ def equal_time(metrics: pd.DataFrame, specs: Sequence[Any], golds: Sequence[str]
             data_rows.append(data)
             display_rows.append(disp)
     t_text = "; ".join(f"T = {T:.0f} s for {r}" for r, T in times.items()) or "no run logged its training time"
+    if normalised:
+        clock = (f" Times are on one clock: each run's seconds are scaled by the median machine speed over its own "
+                 f"({reference * 1000:.2f} ms per image-step of the speed probe; state.json 'machines'), so runs "
+                 "made on machines of different speeds compare as if made on one.")
+    elif speeds:
+        missing = ("No run recorded its machine's speed" if not timed else
+                   f"{len(speeds) - timed} of the {len(speeds)} runs recorded no machine speed")
+        clock = (f" {missing} (state.json 'machines'), so the times are as measured: they compare only runs made "
+                 "on one machine.")
+    else:
+        clock = ""
     return Table(
         "equal_time", "At equal wall time",
         "The same runs compared at equal training time, from their training logs (metrics.jsonl): per trained "
@@ -364,7 +413,7 @@ def equal_time(metrics: pd.DataFrame, specs: Sequence[Any], golds: Sequence[str]
         f"({t_text}). Per run, the trained reward and each watched gold reward on the epoch's training samples, "
         f"averaged over the epochs whose cumulative training time falls in ({WINDOW[0]:g} T, T], minus the run's "
         "epoch 0 (samples of the base model); mean ± sd over seeds. 'runs' counts the seeds with an epoch in the "
-        "window (the others are left out), 'epochs in window' lists how many epochs each averaged.",
+        "window (the others are left out), 'epochs in window' lists how many epochs each averaged." + clock,
         pd.DataFrame(data_rows), pd.DataFrame(display_rows).fillna("–"))
 
 
