@@ -5,6 +5,7 @@ a tiny spec on the tiny SD pipeline runs end to end, a re-run skips it, and kill
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -365,6 +366,25 @@ def test_a_killed_run_resumes_only_with_resume(tiny_spec, tmp_path, counted, run
         assert attempt["speed_model"] == bench_runner.SPEED_MODEL and attempt["device"].startswith("cpu")
         assert 0 < attempt["seconds_per_image_step"] < 1 and attempt["train_seconds"] > 0
     assert sum(a["train_seconds"] for a in state["machines"]) == pytest.approx(state["train_seconds"])
+
+
+def test_a_run_resumed_from_before_the_machine_record_gets_no_clock(tiny_spec, tmp_path, counted):
+    """Its earlier attempt's machine is unknown: the run is not put on the new machine's clock."""
+    out = tmp_path / "results"
+    counted["kill_at"] = 1
+    with pytest.raises(KeyboardInterrupt):
+        bench_runner.run(tiny_spec, out=out, log=lambda line: None)
+    counted.pop("kill_at")
+    state_file = out / "runs" / "tiny-v1" / "seed-0" / "state.json"
+    old = json.loads(state_file.read_text())
+    first = old.pop("machines")[0]["train_seconds"]
+    state_file.write_text(json.dumps(old))  # as written before machines were recorded
+    bench_runner.run(tiny_spec, out=out, resume=True, log=lambda line: None)
+    machines = json.loads(state_file.read_text())["machines"]
+    assert machines[0] == {"seconds_per_image_step": None, "train_seconds": first} and len(machines) == 2
+    from rlbench.bench import stats
+
+    assert math.isnan(stats.machine_speed(state_file))
 
 
 def test_dry_run_of_a_local_model_measures_this_device(tiny_spec):

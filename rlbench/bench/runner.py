@@ -380,6 +380,8 @@ def run(specs: Sequence[Spec], *, out: str | Path | None = None, only: str | Non
             machines[cfg.model.device] = machine_record(cfg.model.device)
         t0 = time.perf_counter()
         if state["status"] == "training":
+            if "machines" not in state and state["train_seconds"] > 0:  # attempts made before the record existed
+                state["machines"] = [{"seconds_per_image_step": None, "train_seconds": state["train_seconds"]}]
             attempt = {**machines[cfg.model.device], "train_seconds": 0.0}
             state.setdefault("machines", []).append(attempt)
             _write_state(folder, state)
